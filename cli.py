@@ -1,0 +1,135 @@
+"""The ``bfr`` command line: demo, degrade, run-workflow (more subcommands arrive with each method).
+
+Each subcommand is a small adapter: parse arguments, call a pipeline function, report. Logging goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("bfr")
+
+
+# --------------------------------------------------------------------------------------------------------- demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .pipelines import degradation
+    from .pipelines.panel import labelled_panel
+    from .pipelines.sample_data import load_image, sample_face
+
+    hq = load_image(args.image, size=args.size) if args.image else sample_face(args.size)
+    x = torch.from_numpy(np.ascontiguousarray(hq)).permute(2, 0, 1)[None].float() / 255.0
+    presets = args.presets or list(degradation.PRESETS)
+    row: list[tuple[str, object]] = [("input (HQ)", hq)]
+    report = {}
+    for name in presets:
+        if name == "custom":
+            continue
+        out, params = degradation.degrade(x, degradation.get_preset(name), seed=args.seed, backend=args.backend)
+        row.append((name, out[0]))
+        report[name] = params[0]
+        logger.info("degraded with preset %s", name)
+    per_row = args.columns
+    rows = [row[i:i + per_row] for i in range(0, len(row), per_row)]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    panel_path = out_dir / "demo_degradation.png"
+    labelled_panel(rows, tile=args.tile).save(panel_path)
+    (out_dir / "demo_degradation.json").write_text(json.dumps(report, indent=1))
+    logger.info("wrote %s (%d presets) and its parameter report", panel_path, len(report))
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="degrade the sample face with every preset and write a labelled panel PNG")
+    p.add_argument("--image", help="use this photo instead of the built-in sample face")
+    p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    p.add_argument("--size", type=int, default=512, help="working resolution (default 512)")
+    p.add_argument("--tile", type=int, default=192, help="panel tile size in px")
+    p.add_argument("--columns", type=int, default=6, help="tiles per panel row")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=["torch", "cv2"], default="cv2")
+    p.add_argument("--presets", nargs="*", help="subset of presets (default: all)")
+    p.set_defaults(func=_cmd_demo)
+
+
+# ------------------------------------------------------------------------------------------------------ degrade
+def _cmd_degrade(args: argparse.Namespace) -> int:
+    from .pipelines.degrade_folder import degrade_folder
+
+    overrides = json.loads(args.overrides) if args.overrides else None
+    summary = degrade_folder(args.in_dir, args.out_dir, preset=args.preset, per_image=args.per_image,
+                             seed=args.seed, workers=args.workers, overrides=overrides, size=args.size,
+                             resume=not args.no_resume)
+    logger.info("degrade summary: %s", json.dumps(summary))
+    return 0
+
+
+def _add_degrade(sub) -> None:
+    p = sub.add_parser("degrade", help="build LQ training pairs from a folder of HQ faces (resumable, parallel)")
+    p.add_argument("in_dir", help="folder of HQ images")
+    p.add_argument("out_dir", help="output folder for LQ images and params.jsonl")
+    p.add_argument("--preset", default="flipnet", help="degradation preset (see `bfr degrade --list-presets`)")
+    p.add_argument("--per-image", type=int, default=5, help="LQ variants per HQ image (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--size", type=int, default=None, help="resize HQ images to SIZE x SIZE first")
+    p.add_argument("--overrides", default=None, help='JSON object overriding preset fields, e.g. \'{"jpeg_quality": [30, 60]}\'')
+    p.add_argument("--no-resume", action="store_true", help="redo images whose outputs already exist")
+    p.set_defaults(func=_cmd_degrade)
+
+
+# ------------------------------------------------------------------------------------------------- run-workflow
+def _cmd_run_workflow(args: argparse.Namespace) -> int:
+    from .client import run_workflow
+
+    paths = run_workflow(args.server, args.workflow, sets=args.set or [], image=args.image, out_dir=args.out,
+                         timeout=args.timeout)
+    for p in paths:
+        logger.info("saved %s", p)
+    return 0
+
+
+def _add_run_workflow(sub) -> None:
+    p = sub.add_parser("run-workflow", help="queue a workflow on a running ComfyUI and save its outputs")
+    p.add_argument("workflow", help="API-format workflow JSON (or a UI-format one with an API twin in api/)")
+    p.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI URL")
+    p.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
+                   help="override an input; NODE is a node id or title; VALUE is JSON or a string")
+    p.add_argument("--image", help="upload this image and use it in every LoadImage node")
+    p.add_argument("--out", default="outputs/run", help="where to save output images")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the prompt")
+    p.set_defaults(func=_cmd_run_workflow)
+
+
+_SUBCOMMANDS = (_add_demo, _add_degrade, _add_run_workflow)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bfr", description="Diffusion-based blind face restoration tools.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""ComfyUI glue: one module per node family, aggregated here.
+
+Each family module exports ``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS``. Only modules in this
+package touch ``comfy.*`` and they do so lazily (through :mod:`._comfy`), so importing the pack never needs ComfyUI.
+"""
+
+from . import degrade
+
+_FAMILIES = (degrade,)
+
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+for _family in _FAMILIES:
+    NODE_CLASS_MAPPINGS.update(_family.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,50 @@
+"""The `bfr` command line (runs in-process through cli.main)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfyui_bfr.cli import build_parser, main
+
+
+def test_demo_writes_a_labelled_panel(tmp_path):
+    rc = main(["demo", "--out", str(tmp_path), "--size", "64", "--tile", "64", "--presets", "flipnet", "dr-bfr",
+               "dr2-severe-x8"])
+    assert rc == 0
+    panel = Image.open(tmp_path / "demo_degradation.png")
+    assert panel.size[0] == 4 * 64  # input + 3 presets in one row
+    report = json.loads((tmp_path / "demo_degradation.json").read_text())
+    assert set(report) == {"flipnet", "dr-bfr", "dr2-severe-x8"}
+    arr = np.asarray(panel.convert("RGB")).astype(float)
+    tiles = [arr[18:, i * 64:(i + 1) * 64] for i in range(4)]
+    assert all(abs(t - tiles[0]).mean() > 1.0 for t in tiles[1:]), "every preset must change the face"
+
+
+def test_degrade_cli_builds_pairs_and_resumes(tmp_path):
+    src = tmp_path / "hq"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(src / f"face{i}.png")
+    out = tmp_path / "lq"
+    assert main(["degrade", str(src), str(out), "--preset", "dr-bfr", "--per-image", "2", "--workers", "1"]) == 0
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["face0_0.png", "face0_1.png", "face1_0.png", "face1_1.png"]
+    first = {p: (out / p).read_bytes() for p in pngs}
+    assert main(["degrade", str(src), str(out), "--preset", "dr-bfr", "--per-image", "2", "--workers", "1"]) == 0
+    assert {p: (out / p).read_bytes() for p in pngs} == first
+
+
+def test_degrade_cli_missing_folder_is_a_clear_error(tmp_path, caplog):
+    rc = main(["degrade", str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert rc == 2
+    assert "nope" in caplog.text
+
+
+def test_unknown_subcommand_exits():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["nope"])
