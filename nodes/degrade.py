@@ -63,7 +63,7 @@ class BFRDegradeClassical:
                 "preset": (presets, {"default": "flipnet" if "flipnet" in presets else presets[0],
                                      "tooltip": "Degradation ranges of a paper: flipnet (second-order, shuffled), "
                                                 "dr-bfr (GFPGAN), dr2-<severity>-x<scale>, clr-face, or custom."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Same seed, same degradation. Each image of the batch gets its own "
                                             "parameters drawn from this seed."}),
                 "backend": (["torch", "cv2"], {"default": "torch",

@@ -16,7 +16,7 @@ def sample_face(size: int = 512) -> np.ndarray:
         raise ImportError("The sample face needs scikit-image (`pip install scikit-image`), "
                           "or pass your own image with --image PATH.") from exc
     img = data.astronaut()[20:260, 110:350]  # 240x240 crop around the face
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
+    return np.array(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
@@ -29,6 +29,6 @@ def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
             im = im.convert("RGB")
             if size:
                 im = im.resize((size, size), Image.Resampling.BICUBIC)
-            return np.asarray(im)
+            return np.array(im)
     except OSError as exc:
         raise ValueError(f"cannot read image {path}: {exc}. Use a PNG/JPEG/WebP file.") from exc
