@@ -383,8 +383,9 @@ def is_ui_workflow(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data
 
 
-def load_api_prompt(workflow_path) -> tuple[dict, Path]:
-    """Read an API-format prompt; for a UI-format file use its twin ``<dir>/api/<name>.json``.
+def load_api_prompt(workflow_path, object_info: Callable[[], dict] | None = None) -> tuple[dict, Path]:
+    """Read an API-format prompt; for a UI-format file use its twin ``<dir>/api/<name>.json``, or else convert it
+    with the node schemas returned by ``object_info()`` (a running server's ``/object_info``).
 
     Returns ``(prompt, path actually read)``.
     """
@@ -407,6 +408,16 @@ def load_api_prompt(workflow_path) -> tuple[dict, Path]:
                 logger.info("%s is a UI-format workflow; using its API twin %s", path, twin)
                 return twin_data, twin
             raise WorkflowFormatError(f"{twin} exists but is not an API-format prompt")
+        if object_info is not None:
+            from .workflow_format import ui_to_api
+
+            try:
+                prompt = ui_to_api(data, object_info())
+            except ValueError as exc:
+                raise WorkflowFormatError(f"{path}: cannot convert the UI-format workflow: {exc}. Export it from "
+                                          "ComfyUI with 'Save (API)' and pass that file instead.") from exc
+            logger.info("%s is a UI-format workflow; converted it with the server's /object_info", path)
+            return prompt, path
         raise WorkflowFormatError(
             f"{path} is a UI-format workflow (the editor's graph), but ComfyUI's /prompt only accepts API format, and "
             f"no API twin was found at {twin}. UI -> API conversion happens in the ComfyUI frontend: open the workflow "
@@ -494,9 +505,9 @@ def run_workflow(url: str, workflow_path, sets: Iterable[str] = (), image=None, 
     ``image``: upload this file and set it on every LoadImage node (before ``sets``, so an explicit ``--set`` wins).
     Returns the downloaded paths.
     """
-    prompt, used = load_api_prompt(workflow_path)
-    prompt = copy.deepcopy(prompt)
     with ComfyClient(url) as client:
+        prompt, used = load_api_prompt(workflow_path, object_info=client.object_info)
+        prompt = copy.deepcopy(prompt)
         if image is not None:
             name = client.upload_image(image)
             ids = set_load_images(prompt, name)

@@ -6,6 +6,7 @@ The same client against a real ComfyUI: tests/comfy/test_workflows_server.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +193,23 @@ def test_unreachable_server_is_a_clear_error():
     c = cl.ComfyClient("http://127.0.0.1:9", timeout=2, use_websocket=False)
     with pytest.raises(cl.ComfyError, match="cannot reach ComfyUI"):
         c.object_info()
+
+
+def test_ui_workflow_without_twin_is_converted_with_object_info(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    ui = json.loads((repo / "workflows" / "degrade_classical.json").read_text())
+    twin = json.loads((repo / "workflows" / "api" / "degrade_classical.json").read_text())
+    path = tmp_path / "degrade.json"
+    path.write_text(json.dumps(ui))
+    core = json.loads((repo / "tests" / "data" / "core_object_info.json").read_text())
+    from comfyui_bfr import NODE_CLASS_MAPPINGS
+    from comfyui_bfr.workflow_format import comparable, schema_from_node_class
+
+    info = dict(core)
+    info.update({k: schema_from_node_class(v) for k, v in NODE_CLASS_MAPPINGS.items()})
+    prompt, used = cl.load_api_prompt(path, object_info=lambda: info)
+    assert used == path and comparable(prompt) == comparable(twin)
+    ui["nodes"][1]["type"] = "NoSuchNode"
+    path.write_text(json.dumps(ui))
+    with pytest.raises(cl.WorkflowFormatError, match="unknown type"):
+        cl.load_api_prompt(path, object_info=lambda: info)
