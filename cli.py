@@ -1,4 +1,4 @@
-"""The ``bfr`` command line: demo, degrade, run-workflow (more subcommands arrive with each method).
+"""The ``bfr`` command line: demo, degrade, restore, run-workflow (more subcommands arrive with each method).
 
 Each subcommand is a small adapter: parse arguments, call a pipeline function, report. Logging goes to stderr.
 """
@@ -43,6 +43,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     labelled_panel(rows, tile=args.tile).save(panel_path)
     (out_dir / "demo_degradation.json").write_text(json.dumps(report, indent=1))
     logger.info("wrote %s (%d presets) and its parameter report", panel_path, len(report))
+    if args.restore == "none":
+        return 0
+
+    from .pipelines import dr2, sd_models
+
+    model = sd_models.load_model(args.checkpoint, download=args.download, repo_id=args.repo)
+    restore_presets = args.restore_presets or ["dr2-mild-x4", "dr2-medium-x8", "dr2-severe-x8"]
+    degraded = {}
+    for name in restore_presets:
+        out, _ = degradation.degrade(x, degradation.get_preset(name), seed=args.seed, backend=args.backend)
+        degraded[name] = out
+    config = dr2.DR2Config(n=args.n, tau=args.tau, steps=args.steps, space=args.space, seed=args.seed)
+    rows = dr2.demo_rows(model, hq, degraded, config)
+    dr2_path = out_dir / "demo_dr2.png"
+    labelled_panel(rows, tile=args.tile).save(dr2_path)
+    logger.info("wrote %s (degrade -> DR2 restore, model: %s)", dr2_path, model.source)
     return 0
 
 
@@ -56,6 +72,12 @@ def _add_demo(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=["torch", "cv2"], default="cv2")
     p.add_argument("--presets", nargs="*", help="subset of presets (default: all)")
+    p.add_argument("--restore", choices=["dr2", "none"], default="dr2",
+                   help="also restore a few degraded faces with DR2 and write demo_dr2.png (default: dr2)")
+    p.add_argument("--restore-presets", nargs="*", help="presets to restore (default: dr2-mild-x4 dr2-medium-x8 "
+                                                        "dr2-severe-x8)")
+    _add_model_args(p)
+    _add_dr2_args(p)
     p.set_defaults(func=_cmd_demo)
 
 
@@ -85,6 +107,51 @@ def _add_degrade(sub) -> None:
     p.set_defaults(func=_cmd_degrade)
 
 
+# ------------------------------------------------------------------------------------------------------ restore
+def _add_model_args(p) -> None:
+    p.add_argument("--checkpoint", help="SD 2.1-base: a single .safetensors or a diffusers folder "
+                                        "(else $BFR_SD21_CHECKPOINT, then ComfyUI's models/checkpoints)")
+    p.add_argument("--download", action="store_true", help="allow downloading SD 2.1-base from --repo")
+    p.add_argument("--repo", help="repo id for --download (default $BFR_SD21_REPO or a community mirror)")
+
+
+def _omega(value: str):
+    return int(value) if value.isdigit() else value
+
+
+def _add_dr2_args(p) -> None:
+    g = p.add_argument_group("DR2")
+    g.add_argument("--n", type=float, default=2.0, help="low-pass factor N (latent px for --space latent)")
+    g.add_argument("--tau", type=int, default=35, help="output level tau (of --steps levels)")
+    g.add_argument("--omega", type=_omega, default="auto", help="start level: auto | official | an integer")
+    g.add_argument("--steps", type=int, default=100, help="T of the respaced schedule (default 100)")
+    g.add_argument("--space", choices=["latent", "pixel"], default="latent", help="where Phi_N is applied")
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from .pipelines import dr2
+
+    cfg = dr2.DR2Config(n=args.n, tau=args.tau, omega=args.omega, steps=args.steps, space=args.space,
+                        seed=args.seed)
+    out = dr2.restore_file(args.image, args.out, cfg, checkpoint=args.checkpoint, download=args.download,
+                           repo_id=args.repo, size=args.size, device=args.device)
+    logger.info("restored -> %s", out)
+    return 0
+
+
+def _add_restore(sub) -> None:
+    p = sub.add_parser("restore", help="restore a face image (or a folder of them)")
+    p.add_argument("image", help="image file or folder")
+    p.add_argument("--out", required=True, help="output file (for one image) or folder")
+    p.add_argument("--method", choices=["dr2"], default="dr2", help="restoration method")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE first (e.g. 512)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
+    _add_model_args(p)
+    _add_dr2_args(p)
+    p.set_defaults(func=_cmd_restore)
+
+
 # ------------------------------------------------------------------------------------------------- run-workflow
 def _cmd_run_workflow(args: argparse.Namespace) -> int:
     from .client import run_workflow
@@ -108,7 +175,7 @@ def _add_run_workflow(sub) -> None:
     p.set_defaults(func=_cmd_run_workflow)
 
 
-_SUBCOMMANDS = (_add_demo, _add_degrade, _add_run_workflow)
+_SUBCOMMANDS = (_add_demo, _add_degrade, _add_restore, _add_run_workflow)
 
 
 def build_parser() -> argparse.ArgumentParser:

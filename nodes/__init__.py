@@ -4,9 +4,9 @@ Each family module exports ``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPI
 package touch ``comfy.*`` and they do so lazily (through :mod:`._comfy`), so importing the pack never needs ComfyUI.
 """
 
-from . import degrade
+from . import degrade, dr2
 
-_FAMILIES = (degrade,)
+_FAMILIES = (degrade, dr2)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -13,8 +13,9 @@ from comfyui_bfr.cli import build_parser, main
 
 def test_demo_writes_a_labelled_panel(tmp_path):
     rc = main(["demo", "--out", str(tmp_path), "--size", "64", "--tile", "64", "--presets", "flipnet", "dr-bfr",
-               "dr2-severe-x8"])
+               "dr2-severe-x8", "--restore", "none"])
     assert rc == 0
+    assert not (tmp_path / "demo_dr2.png").exists()
     panel = Image.open(tmp_path / "demo_degradation.png")
     assert panel.size[0] == 4 * 64  # input + 3 presets in one row
     report = json.loads((tmp_path / "demo_degradation.json").read_text())
@@ -22,6 +23,26 @@ def test_demo_writes_a_labelled_panel(tmp_path):
     arr = np.asarray(panel.convert("RGB")).astype(float)
     tiles = [arr[18:, i * 64:(i + 1) * 64] for i in range(4)]
     assert all(abs(t - tiles[0]).mean() > 1.0 for t in tiles[1:]), "every preset must change the face"
+
+
+def test_demo_restores_with_dr2_and_says_when_the_model_is_tiny(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("BFR_SD21_CHECKPOINT", raising=False)
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.delenv("BFR_COMFY_MODELS", raising=False)
+    rc = main(["demo", "--out", str(tmp_path), "--size", "64", "--tile", "64", "--presets", "dr-bfr",
+               "--restore-presets", "dr2-mild-x4", "--steps", "20", "--tau", "5", "--n", "1"])
+    assert rc == 0
+    panel = Image.open(tmp_path / "demo_dr2.png")
+    assert panel.size == (3 * 64, 64 + 18)  # HQ | degraded | restored
+    assert "NOT a real restoration" in caplog.text
+
+
+def test_restore_cli_rejects_bad_parameters(tmp_path, caplog):
+    img = tmp_path / "face.png"
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(img)
+    rc = main(["restore", str(img), "--out", str(tmp_path / "o.png"), "--tau", "50", "--omega", "40"])
+    assert rc == 2
+    assert "tau" in caplog.text
 
 
 def test_degrade_cli_builds_pairs_and_resumes(tmp_path):

@@ -1,0 +1,231 @@
+"""Find and load Stable Diffusion 2.1 into diffusers modules, offline.
+
+Resolution order (:func:`resolve_checkpoint`):
+
+1. an explicit path (``--checkpoint``): a diffusers folder (``unet/`` + ``vae/``) or a single ``.safetensors``;
+2. the environment variable ``BFR_SD21_CHECKPOINT``;
+3. the ComfyUI models folder: ``$COMFYUI_PATH/models/checkpoints`` (or ``$BFR_COMFY_MODELS/checkpoints``), first
+   file whose name looks like SD 2.1 base (``*2[-_.]1*base*`` / ``v2-1_512*``);
+4. only when asked (``download=True``, CLI ``--download``): a diffusers snapshot of ``repo_id`` (default
+   ``$BFR_SD21_REPO`` or :data:`DEFAULT_REPO`; SD 2.1 is no longer on Stability's pages, mirrors exist).
+
+With none of those, :func:`load_model` returns a tiny random model and logs loudly that the output is not a real
+restoration. Weights load only through safetensors (or ``torch.load(weights_only=True)`` for ``.bin``); single
+files go through :mod:`..lora.convert` with local SD2.1 configs, so nothing reaches the network unless downloading.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import ilvr
+
+logger = logging.getLogger(__name__)
+
+ENV_CHECKPOINT = "BFR_SD21_CHECKPOINT"
+ENV_REPO = "BFR_SD21_REPO"
+ENV_COMFY_MODELS = "BFR_COMFY_MODELS"
+ENV_COMFY_PATH = "COMFYUI_PATH"
+DEFAULT_REPO = "Manojb/stable-diffusion-2-1-base"
+_SD21_NAME = re.compile(r"(2[-_.]?1.*(base|512))|(v2-1_512)", re.IGNORECASE)
+_DOWNLOAD_PATTERNS = ["model_index.json", "scheduler/*", "unet/*.json", "unet/*.safetensors", "vae/*.json",
+                      "vae/*.safetensors"]
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No SD 2.1 checkpoint where one was asked for; the message says where we looked and what to do."""
+
+
+@dataclass
+class SDModel:
+    """The parts of an SD model DR2 needs, in diffusers form."""
+
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL or AutoencoderTiny (encode/decode with ``config.scaling_factor``)
+    alphas_cumprod: torch.Tensor = field(default_factory=ilvr.sd_alphas_cumprod)  # float64, per training step
+    prediction_type: str = "epsilon"  # or "v_prediction"
+    source: str = ""
+    is_real: bool = True  # False for the tiny random fallback
+
+    @property
+    def context_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        cfg = self.vae.config  # AutoencoderKL: block_out_channels; AutoencoderTiny: encoder_block_out_channels
+        levels = getattr(cfg, "block_out_channels", None) or cfg.encoder_block_out_channels
+        return 2 ** (len(levels) - 1)
+
+
+# ------------------------------------------------------------------------------------------------ resolution
+
+
+def comfy_checkpoint_dirs() -> list[Path]:
+    """ComfyUI ``models/checkpoints`` folders named by the environment (nothing is imported from ComfyUI)."""
+    dirs = []
+    if os.environ.get(ENV_COMFY_MODELS):
+        dirs.append(Path(os.environ[ENV_COMFY_MODELS]) / "checkpoints")
+    if os.environ.get(ENV_COMFY_PATH):
+        dirs.append(Path(os.environ[ENV_COMFY_PATH]) / "models" / "checkpoints")
+    return [d for d in dirs if d.is_dir()]
+
+
+def find_in_comfy_models(dirs: list[Path] | None = None) -> Path | None:
+    """First ``*.safetensors`` under the ComfyUI checkpoint folders whose name looks like SD 2.1 base."""
+    for folder in comfy_checkpoint_dirs() if dirs is None else dirs:
+        hits = sorted(p for p in folder.rglob("*.safetensors") if _SD21_NAME.search(p.name))
+        if hits:
+            return hits[0]
+    return None
+
+
+def download_snapshot(repo_id: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Explicit download of a diffusers SD 2.1 folder (UNet, VAE, scheduler only) from a configurable repo."""
+    repo_id = repo_id or os.environ.get(ENV_REPO) or DEFAULT_REPO
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - comes with diffusers
+        raise ModelNotFoundError("downloading needs huggingface_hub (`pip install huggingface_hub`)") from exc
+    logger.info("downloading SD 2.1 (unet, vae, scheduler) from %s", repo_id)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_DOWNLOAD_PATTERNS, cache_dir=cache_dir))
+    except Exception as exc:  # network, auth, missing repo: say which repo and how to change it
+        raise ModelNotFoundError(
+            f"could not download SD 2.1 from {repo_id!r} ({exc}); set {ENV_REPO} or --repo to a mirror, or pass "
+            "--checkpoint with a local file/folder") from exc
+
+
+def resolve_checkpoint(checkpoint: str | Path | None = None, *, download: bool = False,
+                       repo_id: str | None = None, cache_dir: str | Path | None = None) -> Path | None:
+    """Apply the resolution order above; None when nothing is found and downloading was not asked for."""
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(f"--checkpoint {path} does not exist; give a .safetensors file or a diffusers "
+                                     "folder with unet/ and vae/")
+        return path
+    env = os.environ.get(ENV_CHECKPOINT)
+    if env:
+        path = Path(env).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(f"{ENV_CHECKPOINT}={path} does not exist; fix or unset it")
+        return path
+    found = find_in_comfy_models()
+    if found:
+        logger.info("using SD 2.1 from the ComfyUI models folder: %s", found)
+        return found
+    if download:
+        return download_snapshot(repo_id, cache_dir)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def _scheduler_settings(folder: Path) -> tuple[torch.Tensor, str]:
+    import json
+
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if cfg.get("beta_schedule", "scaled_linear") != "scaled_linear" or cfg.get("trained_betas"):
+        raise ValueError(f"{cfg_path}: only the scaled_linear schedule of SD 1.x/2.x is supported")
+    ab = ilvr.sd_alphas_cumprod(int(cfg.get("num_train_timesteps", 1000)), float(cfg.get("beta_start", 0.00085)),
+                                float(cfg.get("beta_end", 0.012)))
+    return ab, str(cfg.get("prediction_type", "epsilon"))
+
+
+def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32) -> SDModel:
+    """UNet + VAE (AutoencoderKL, or AutoencoderTiny under ``vae/`` with its class in the config) from a folder."""
+    import json
+
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+
+    for sub in ("unet", "vae"):
+        if not (folder / sub / "config.json").is_file():
+            raise ModelNotFoundError(f"{folder} is not a diffusers SD folder: {sub}/config.json is missing")
+    vae_cls = json.loads((folder / "vae" / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    vae_type = AutoencoderTiny if vae_cls == "AutoencoderTiny" else AutoencoderKL
+    kw = dict(torch_dtype=dtype, local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+    vae = vae_type.from_pretrained(folder, subfolder="vae", **kw)
+    ab, pred = _scheduler_settings(folder)
+    return SDModel(unet.eval(), vae.eval(), ab, pred, source=str(folder))
+
+
+def load_single_file(path: Path, dtype: torch.dtype = torch.float32) -> SDModel:
+    """A ComfyUI/LDM single-file SD 2.x ``.safetensors`` through :mod:`..lora.convert` (local configs, offline)."""
+    from ..lora import convert
+
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        raise ValueError(f"{path}: only .safetensors single files are loaded (no pickle); convert it first")
+    parts = convert.load_single_file_components(path, dtype=dtype, text_encoder=False, vae=True)
+    if parts["vae"] is None:
+        raise ValueError(f"{path} has no VAE weights (first_stage_model.*); DR2 needs the VAE")
+    unet = parts["unet"]
+    pred = "epsilon"
+    if _looks_v_prediction(path):
+        pred = "v_prediction"
+    return SDModel(unet.eval(), parts["vae"].eval(), ilvr.sd_alphas_cumprod(), pred, source=str(path))
+
+
+def _looks_v_prediction(path: Path) -> bool:
+    """SD 2.x 768-v single files do not say so; follow the file name (``768-v``/``v-pred``), as users name them."""
+    name = path.name.lower()
+    return "768-v" in name or "v-pred" in name or "vpred" in name
+
+
+def load_sd(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> SDModel:
+    """Load a diffusers folder or a single file."""
+    path = Path(path)
+    model = load_diffusers_folder(path, dtype) if path.is_dir() else load_single_file(path, dtype)
+    model.unet.to(device)
+    model.vae.to(device)
+    return model
+
+
+def tiny_random_model(seed: int = 0) -> SDModel:
+    """A tiny randomly initialised SD-shaped UNet + TAESD-shaped VAE: runs the code path, restores nothing."""
+    from diffusers import AutoencoderTiny, UNet2DConditionModel
+
+    from ..lora.convert import SD_LATENT_SCALE, TAESD_CONFIG
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=1024, attention_head_dim=2, norm_num_groups=8, use_linear_projection=True)
+    vae = AutoencoderTiny.from_config(dict(TAESD_CONFIG, scaling_factor=SD_LATENT_SCALE))
+    return SDModel(unet.eval(), vae.eval(), ilvr.sd_alphas_cumprod(), "epsilon",
+                   source="tiny random model (NOT SD 2.1)", is_real=False)
+
+
+TINY_WARNING = ("\n" + "!" * 100 + "\n"
+                "!!  No SD 2.1 checkpoint found: running a TINY RANDOM model. The output is NOT a real restoration.\n"
+                f"!!  Pass --checkpoint PATH, set {ENV_CHECKPOINT}, put SD 2.1 base in ComfyUI's models/checkpoints\n"
+                f"!!  (with {ENV_COMFY_PATH} set), or add --download (repo from --repo / {ENV_REPO}).\n"
+                + "!" * 100)
+
+
+def load_model(checkpoint: str | Path | None = None, *, download: bool = False, repo_id: str | None = None,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               allow_tiny: bool = True) -> SDModel:
+    """Resolve and load SD 2.1; fall back to :func:`tiny_random_model` with a loud warning when allowed."""
+    path = resolve_checkpoint(checkpoint, download=download, repo_id=repo_id)
+    if path is None:
+        if not allow_tiny:
+            raise ModelNotFoundError(TINY_WARNING.replace("running a TINY RANDOM model", "nothing to run").strip())
+        logger.warning(TINY_WARNING)
+        model = tiny_random_model()
+        model.unet.to(device)
+        model.vae.to(device)
+        return model
+    logger.info("loading SD model from %s", path)
+    return load_sd(path, dtype, device)
