@@ -30,11 +30,11 @@ MARKER="$VENV/.bfr-setup-done"
 
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 EXTRA=(requests pytest diffusers transformers peft safetensors kornia opencv-python-headless pillow numpy scipy
-       scikit-image accelerate)
+       scikit-image accelerate playwright)
 
 stamp() {
   {
-    echo "bfr-setup v1"
+    echo "bfr-setup v2"
     echo "${TORCH_PINS[*]}"
     echo "${EXTRA[*]}"
     cat "$COMFY/requirements.txt"
