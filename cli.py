@@ -1,4 +1,4 @@
-"""The ``bfr`` command line: demo, degrade, restore, run-workflow (more subcommands arrive with each method).
+"""The ``bfr`` command line: demo, degrade, restore, train, synthesize, run-workflow.
 
 Each subcommand is a small adapter: parse arguments, call a pipeline function, report. Logging goes to stderr.
 """
@@ -129,6 +129,11 @@ def _add_dr2_args(p) -> None:
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
+    if args.method == "flipnet":
+        from .pipelines import flipnet
+
+        args.input, args.out_dir = args.image, args.out
+        return flipnet.restore_main(args)
     from .pipelines import dr2
 
     cfg = dr2.DR2Config(n=args.n, tau=args.tau, omega=args.omega, steps=args.steps, space=args.space,
@@ -139,18 +144,63 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_restore(sub) -> None:
-    p = sub.add_parser("restore", help="restore a face image (or a folder of them)")
-    p.add_argument("image", help="image file or folder")
-    p.add_argument("--out", required=True, help="output file (for one image) or folder")
-    p.add_argument("--method", choices=["dr2"], default="dr2", help="restoration method")
+def _restore_method(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return "dr2"
+
+
+def _add_restore(sub, argv: list[str]) -> None:
+    method = _restore_method(argv) if _command(argv) == "restore" else "dr2"
+    p = sub.add_parser("restore", help="restore a face image (or a folder of them): --method dr2 | flipnet",
+                       description="Restore faces. The options depend on --method; see `bfr restore --method "
+                                   "flipnet --help` for FlipNet's.")
+    p.add_argument("image", help="image file or folder (aligned face crops)")
+    p.add_argument("--out", required=True, help="output file (one image, dr2) or folder")
+    p.add_argument("--method", choices=["dr2", "flipnet"], default="dr2", help="restoration method")
+    p.set_defaults(func=_cmd_restore)
+    if method == "flipnet":
+        from .pipelines import flipnet
+
+        # FlipNet's own flags: --checkpoint (the FlipNet .safetensors), --base-model (SD 2.1), --phi, ...
+        flipnet.add_restore_arguments(p, positionals=False)
+        return
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE first (e.g. 512)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     _add_model_args(p)
     _add_dr2_args(p)
-    p.set_defaults(func=_cmd_restore)
 
+
+# ------------------------------------------------------------------------------------------- train, synthesize
+def _add_train(sub, argv: list[str]) -> None:
+    p = sub.add_parser("train", help="train FlipNet's face autoencoders or FlipNet itself (accelerate)")
+    tsub = p.add_subparsers(dest="what", required=True)
+    which = argv[1] if _command(argv) == "train" and len(argv) > 1 else None
+    face = tsub.add_parser("face-ae", help="HQ/LQ face autoencoders: --stage recon, then --stage assoc")
+    flip = tsub.add_parser("flipnet", help="FlipNet LoRA + BoostHub (+ face tokens): --mode restore | degrade")
+    if which == "face-ae":
+        from .lora import train_face_ae
+
+        train_face_ae.add_arguments(face)
+        face.set_defaults(func=train_face_ae.main_from_args)
+    elif which == "flipnet":
+        from .lora import train_flipnet
+
+        train_flipnet.add_arguments(flip)
+        flip.set_defaults(func=train_flipnet.main_from_args)
+
+
+def _add_synthesize(sub, argv: list[str]) -> None:
+    p = sub.add_parser("synthesize", help="off-shelf LQ faces with a degradation-mode FlipNet checkpoint")
+    if _command(argv) == "synthesize":
+        from .pipelines import flipnet
+
+        flipnet.add_synthesize_arguments(p)
+        p.set_defaults(func=flipnet.synthesize_main)
 
 # ------------------------------------------------------------------------------------------------- run-workflow
 def _cmd_run_workflow(args: argparse.Namespace) -> int:
@@ -175,20 +225,29 @@ def _add_run_workflow(sub) -> None:
     p.set_defaults(func=_cmd_run_workflow)
 
 
-_SUBCOMMANDS = (_add_demo, _add_degrade, _add_restore, _add_run_workflow)
+def _command(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``bfr`` parser. Heavy subcommands (train, synthesize, FlipNet restore) import their modules and add
+    their flags only when ``argv`` selects them, so ``bfr --help`` stays fast."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="bfr", description="Diffusion-based blind face restoration tools.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in _SUBCOMMANDS:
-        add(sub)
+    _add_demo(sub)
+    _add_degrade(sub)
+    _add_restore(sub, argv)
+    _add_train(sub, argv)
+    _add_synthesize(sub, argv)
+    _add_run_workflow(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

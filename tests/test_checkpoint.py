@@ -1,0 +1,258 @@
+"""The one-file FlipNet checkpoint (design §4): kohya LoRA keys ComfyUI accepts, namespaces, metadata, a save ->
+load round trip with identical outputs, and loader errors that say exactly what is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from comfyui_bfr.lora import checkpoint as ck
+from comfyui_bfr.lora.boosthub import BoostHubState
+from comfyui_bfr.lora.face_embedder import AdapterConfig, FaceAdapter, FaceAEConfig, FaceAutoencoderPair, LQFaceEncoder
+from comfyui_bfr.lora.lora_targets import kohya_name, lora_target_names
+from comfyui_bfr.lora.train_flipnet import prepare_flipnet_unet
+from test_flipnet_support import build_micro_unet, fixture_unet
+
+TINY_FACE = FaceAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, patch_size=2)
+
+
+def _trained_unet(seed=0, rank=4, phi=1.0):
+    unet = build_micro_unet(0)
+    state = prepare_flipnet_unet(unet, rank, None, phi)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return unet, state
+
+
+def _face_modules(seed=0):
+    torch.manual_seed(seed)
+    enc = LQFaceEncoder.from_pair(FaceAutoencoderPair(TINY_FACE))
+    ada = FaceAdapter(AdapterConfig(in_dim=TINY_FACE.token_dim, out_dim=1024, hidden_dim=64))
+    return enc, ada
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    unet, state = _trained_unet()
+    enc, ada = _face_modules()
+    path = tmp_path_factory.mktemp("ck") / "flipnet_restore.safetensors"
+    ck.save_flipnet_checkpoint(path, unet, mode="restore", face_encoder=enc, adapter=ada, face_image_size=32,
+                               defaults=ck.FlipNetDefaults(phi=1.25, t_y_policy="fixed", t_y=80),
+                               train_config={"lora_rank": 4, "mode": "restore"})
+    return path, unet, enc, ada
+
+
+def test_file_layout_and_metadata(saved):
+    path, unet, *_ = saved
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["bfr_format"] == "flipnet/1" and meta["base_model"] == "sd2.1-base" and meta["mode"] == "restore"
+    assert meta["lora_rank"] == "4" and float(meta["lora_alpha"]) == 4.0
+    assert float(meta["phi"]) == 1.25 and meta["t_y_policy"] == "fixed" and meta["t_y"] == "80"
+    assert json.loads(meta["unet"])["cross_attention_dim"] == 1024
+    assert len(meta["train_config_hash"]) == 16 and json.loads(meta["train_config"])["lora_rank"] == 4
+    prefixes = {k.split(".", 1)[0] if not k.startswith("lora_unet_") else "lora_unet_" for k in keys}
+    assert prefixes == {"lora_unet_", "boosthub", "face_embedder", "adapter"}
+    n_targets = len(lora_target_names(unet))
+    assert sum(k.endswith(".lora_down.weight") for k in keys) == n_targets
+    assert sum(k.endswith(".alpha") for k in keys) == n_targets
+    assert not any("lora_A" in k or "lora_B" in k or k.startswith("unet.") for k in keys)  # no peft keys
+
+
+def test_kohya_names_are_what_comfyui_maps_for_sd21():
+    """ComfyUI's model_lora_keys_unet maps 'lora_unet_' + <diffusers weight path without .weight, '.' -> '_'> for
+    every UNet weight (comfyui-notes §4.2); every FlipNet LoRA name must be one of those, on the real SD2.1 layout."""
+    from diffusers import UNet2DConditionModel
+
+    from comfyui_bfr.lora.convert import SD21_BASE_UNET_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(SD21_BASE_UNET_CONFIG))
+    accepted = {"lora_unet_" + k[: -len(".weight")].replace(".", "_") for k in unet.state_dict() if
+                k.endswith(".weight")}
+    names = [kohya_name(p) for p in lora_target_names(unet)]
+    assert len(names) == 128  # 16 transformer blocks x (attn1, attn2) x (to_q, to_k, to_v, to_out.0)
+    assert set(names) <= accepted
+    assert "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_out_0" in names
+
+
+_COMFY_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.lora, comfy.model_detection
+from safetensors.torch import load_file
+sd = load_file(sys.argv[2])  # the tiny UNet in single-file (ldm) form
+
+class Model:  # what model_lora_keys_unet reads: state_dict() keys and model_config.unet_config
+    class model_config:
+        unet_config = comfy.model_detection.detect_unet_config(sd, "model.diffusion_model.")
+
+    def state_dict(self):
+        return {"diffusion_model." + k[len("model.diffusion_model."):]: v for k, v in sd.items()}
+
+key_map = comfy.lora.model_lora_keys_unet(Model(), {})
+lora = {k: v for k, v in load_file(sys.argv[3]).items() if k.startswith("lora_unet_")}
+patches = comfy.lora.load_lora(lora, key_map, log_missing=True)
+print(json.dumps({"n_targets": sum(k.endswith(".lora_down.weight") for k in lora), "n_patches": len(patches),
+                  "targets": sorted(patches)}))
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to check with ComfyUI's own code")
+def test_comfyui_lora_loader_accepts_every_lora_key(tmp_path):
+    """ComfyUI's own comfy.lora.load_lora + model_lora_keys_unet on the SD2.1-topology tiny UNet: every kohya pair
+    becomes a weight patch and no LoRA key is reported as not loaded."""
+    from fixtures.tiny_sd import TINY_UNET_CONFIG, unet_diffusers_to_ldm_state_dict
+
+    unet = fixture_unet(0)
+    base_sd = {k: v.clone() for k, v in unet.state_dict().items()}
+    prepare_flipnet_unet(unet, 4, None, 1.0)
+    out = ck.save_flipnet_checkpoint(tmp_path / "fixture_flipnet.safetensors", unet, mode="degrade")
+    ldm = unet_diffusers_to_ldm_state_dict(base_sd, TINY_UNET_CONFIG)
+    save_file({k: v.contiguous() for k, v in ldm.items()}, str(tmp_path / "ldm.safetensors"))  # model.diffusion_model.*
+    comfy = Path(os.environ["COMFYUI_PATH"])
+    python = comfy / ".venv" / "bin" / "python"
+    res = subprocess.run([str(python if python.exists() else sys.executable), "-c", _COMFY_SCRIPT, str(comfy),
+                          str(tmp_path / "ldm.safetensors"), str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "lora key not loaded" not in res.stderr, res.stderr[-2000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["n_targets"] == len(lora_target_names(unet)) == info["n_patches"]
+    assert all(t.startswith("diffusion_model.") and ".transformer_blocks.0.attn" in t for t in info["targets"])
+
+
+def test_round_trip_gives_identical_outputs(saved):
+    path, unet, enc, ada = saved
+    ckpt = ck.read_flipnet_checkpoint(path)
+    assert ckpt.rank == 4 and ckpt.mode == "restore" and ckpt.face_image_size == 32
+    fresh = build_micro_unet(0)
+    state = ck.apply_flipnet_checkpoint(fresh, ckpt)
+    assert isinstance(state, BoostHubState) and state.phi == 1.25
+    enc2, ada2 = ck.build_face_modules(ckpt)
+    torch.manual_seed(1)
+    z = torch.randn(4, 4, 8, 8)
+    t = torch.tensor([900, 10, 400, 400])
+    ctx = torch.randn(4, 77, 1024)
+    img = torch.rand(2, 3, 32, 32)
+    unet.eval()
+    with torch.no_grad():
+        for proc in (p for p in unet.attn_processors.values() if hasattr(p, "state")):
+            proc.state.phi = 1.25
+        assert torch.equal(unet(z, t, ctx).sample, fresh(z, t, ctx).sample)
+        assert torch.equal(ada(enc(img)), ada2(enc2(img)))
+
+
+def test_face_ae_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    pair = FaceAutoencoderPair(TINY_FACE)
+    path = ck.save_face_ae_checkpoint(tmp_path / "face_ae_recon.safetensors", pair, stage="recon", image_size=32)
+    pair2, meta = ck.load_face_ae_checkpoint(path)
+    assert meta["stage"] == "recon" and meta["bfr_format"] == "flipnet-face-ae/1"
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(pair.lq.encode(x), pair2.lq.encode(x))
+    with pytest.raises(ck.CheckpointError, match="expected 'flipnet/1'.*--face-ae"):
+        ck.read_flipnet_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+def _rewrite(src: Path, dst: Path, tensors=None, meta_update=None, drop=()):
+    t = load_file(str(src)) if tensors is None else tensors
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta.update(meta_update or {})
+    save_file({k: v for k, v in t.items() if k not in drop}, str(dst), metadata=meta)
+    return dst
+
+
+def test_wrong_base_model_and_format(saved, tmp_path):
+    path, *_ = saved
+    with pytest.raises(ck.CheckpointError, match="base model 'sd1.5'.*sd2.1-base"):
+        ck.read_flipnet_checkpoint(_rewrite(path, tmp_path / "a.safetensors", meta_update={"base_model": "sd1.5"}))
+    with pytest.raises(ck.CheckpointError, match="bfr_format is 'dr-encoder/1'"):
+        ck.read_flipnet_checkpoint(_rewrite(path, tmp_path / "b.safetensors", meta_update={"bfr_format": "dr-encoder/1"}))
+    # a UNet that is not SD2.x (context 768) is refused before anything is patched
+    from diffusers import UNet2DConditionModel
+
+    from test_flipnet_support import MICRO_UNET_CONFIG
+
+    sd15 = UNet2DConditionModel(**dict(MICRO_UNET_CONFIG, cross_attention_dim=768))
+    with pytest.raises(ValueError, match="cross_attention_dim=768"):
+        ck.apply_flipnet_checkpoint(sd15, ck.read_flipnet_checkpoint(path))
+    # same width, different topology
+    other = UNet2DConditionModel(**dict(MICRO_UNET_CONFIG, block_out_channels=(64, 128), norm_num_groups=16))
+    with pytest.raises(ck.CheckpointError, match="different UNet topology.*block_out_channels"):
+        ck.apply_flipnet_checkpoint(other, ck.read_flipnet_checkpoint(path))
+
+
+def test_mismatched_ranks(saved, tmp_path):
+    path, *_ = saved
+    t = load_file(str(path))
+    key = next(k for k in t if k.endswith(".lora_down.weight"))
+    t[key] = torch.zeros(8, t[key].shape[1])
+    with pytest.raises(ck.CheckpointError, match=r"mixes LoRA ranks \[4, 8\]"):
+        ck.read_flipnet_checkpoint(_rewrite(path, tmp_path / "r.safetensors", tensors=t))
+    with pytest.raises(ck.CheckpointError, match="metadata says LoRA rank 16 but the weights have rank 4"):
+        ck.read_flipnet_checkpoint(_rewrite(path, tmp_path / "m.safetensors", meta_update={"lora_rank": "16"}))
+    # a UNet that already carries a FlipNet adapter of another rank
+    unet = build_micro_unet(0)
+    prepare_flipnet_unet(unet, 8, None, 1.0)
+    with pytest.raises(ck.CheckpointError, match="rank 4 but the UNet already carries a FlipNet adapter of rank 8"):
+        ck.apply_flipnet_checkpoint(unet, ck.read_flipnet_checkpoint(path))
+
+
+def test_missing_and_foreign_tensors(saved, tmp_path):
+    path, *_ = saved
+    t = load_file(str(path))
+    boost = next(k for k in t if k.startswith("boosthub."))
+    with pytest.raises(ck.CheckpointError, match="1 missing"):
+        ck.apply_flipnet_checkpoint(build_micro_unet(0), ck.read_flipnet_checkpoint(
+            _rewrite(path, tmp_path / "x.safetensors", drop=(boost,))))
+    t["vae.encoder.weight"] = torch.zeros(1)
+    with pytest.raises(ck.CheckpointError, match="outside the known namespaces.*vae.encoder.weight"):
+        ck.read_flipnet_checkpoint(_rewrite(path, tmp_path / "y.safetensors", tensors=t))
+    adapter_keys = [k for k in load_file(str(path)) if k.startswith("adapter.")]
+    with pytest.raises(ck.CheckpointError, match="only one of 'face_embedder"):
+        ck.read_flipnet_checkpoint(_rewrite(path, tmp_path / "z.safetensors", drop=tuple(adapter_keys)))
+
+
+def test_corrupt_truncated_and_missing_files(saved, tmp_path):
+    path, *_ = saved
+    data = path.read_bytes()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ck.CheckpointError, match="trunc.safetensors: cannot be read.*corrupt or truncated"):
+        ck.read_flipnet_checkpoint(trunc)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ck.CheckpointError, match="corrupt or truncated"):
+        ck.read_flipnet_checkpoint(junk)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ck.read_flipnet_checkpoint(tmp_path / "nope.safetensors")
+    pth = tmp_path / "model.pth"
+    pth.write_bytes(b"x")
+    with pytest.raises(ck.CheckpointError, match="expected a .safetensors file"):
+        ck.read_flipnet_checkpoint(pth)
+
+
+def test_degrade_checkpoint_has_no_face_modules(tmp_path):
+    unet, _ = _trained_unet(seed=2)
+    path = ck.save_flipnet_checkpoint(tmp_path / "flipnet_degrade.safetensors", unet, mode="degrade")
+    ckpt = ck.read_flipnet_checkpoint(path)
+    assert ckpt.mode == "degrade" and not ckpt.has_face_embedder
+    with pytest.raises(ck.CheckpointError, match="degrade-mode checkpoint without a face embedder"):
+        ck.build_face_modules(ckpt)
