@@ -14,14 +14,6 @@ from fixtures import tiny_sd
 FAST = dict(steps=20)  # T=20: omega auto = tau + 5, so a run costs 6 UNet calls
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared cores: OpenMP spin-waiting makes small ops ~100x slower under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tiny():

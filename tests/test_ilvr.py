@@ -16,14 +16,6 @@ import torch
 from comfyui_bfr.pipelines import ilvr
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI box has 2 cores shared with other jobs: OpenMP spin-waiting makes small ops ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------- helpers
 

@@ -22,13 +22,6 @@ pytestmark = pytest.mark.comfy
 FAST = dict(omega_mode="auto", omega=60, steps=20)  # T=20: omega = tau + 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def comfy_models(tiny_checkpoint):
