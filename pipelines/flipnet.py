@@ -450,9 +450,12 @@ def synthesize_degraded(cfg: SynthesizeConfig, pipeline: FlipNetPipeline | None 
     from accelerate import PartialState
 
     from ..lora.data import list_images
+    from ..lora.train_flipnet import use_cpu
 
     cfg.validate()
-    state = PartialState()
+    # Without CUDA, several processes (torchrun / accelerate launch) must ask for CPU mode explicitly, or each one
+    # believes it is process 0 of 1 and they all synthesize every job (found by the two-process test).
+    state = PartialState(cpu=use_cpu(False))
     files = list_images(cfg.hq_dir, "HQ face folder")
     out_dir = Path(cfg.out_dir)
     jobs = synthesis_jobs(files, cfg.per_image, out_dir)
