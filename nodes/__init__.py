@@ -4,7 +4,9 @@ Each family module exports ``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPI
 package touch ``comfy.*`` and they do so lazily (through :mod:`._comfy`), so importing the pack never needs ComfyUI.
 """
 
-from . import degrade, dr2
+from . import _comfy, degrade, dr2
+
+_comfy.register_model_folder()  # models/bfr for our weights; a no-op outside ComfyUI
 
 _FAMILIES = (degrade, dr2)
 
