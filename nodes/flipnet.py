@@ -1,0 +1,656 @@
+"""Node family: FlipNet restoration / degradation on SD2.1-base (design.md §3.3, §5).
+
+* ``BFR Load FlipNet`` reads a ``flipnet/1`` checkpoint from ``models/bfr`` (:mod:`..lora.checkpoint`) into a
+  ``BFR_FLIPNET`` value: the kohya LoRA dict, the BoostHub projections of every self-attention layer, and (restore
+  mode) the LQ face encoder + adapter.
+* ``BFR Apply FlipNet`` patches a clone of the MODEL -- never the input -- with
+
+  - the LoRA, through ComfyUI's own loader (``comfy.lora.load_lora`` + ``add_patches``, merged at load time);
+  - an ``APPLY_MODEL`` wrapper that turns every UNet call into the joint batch ``cat([x, y])`` of
+    :mod:`..lora.boosthub`: ``x`` is the latent being sampled (all cond/uncond chunks), ``y`` the encoded condition
+    image diffused to the same sigma (policy ``same``) or to the fixed timestep ``t_y`` (policy ``fixed``), with a
+    noise drawn once from ``seed``; only the first half of the output is returned;
+  - an ``attn1_patch`` that stashes ``n = norm1(x)`` and an ``attn1_output_patch`` that adds
+    ``phi * F_ro`` (:func:`..lora.boosthub.boost_joint_batch`) to the input rows of every self-attention layer;
+
+  and returns positive / negative CONDITIONING with the face tokens ``tau(z_y)`` / ``tau(0)`` appended on the token
+  axis (restore mode; degrade mode leaves the prompts unchanged), plus an empty LATENT of the image's size.
+
+The math is the same as the diffusers pipeline (:mod:`..pipelines.flipnet`); ``tests/comfy/test_flipnet_nodes.py``
+holds the two to the same numbers. Patch objects return themselves from ``__deepcopy__`` (``ModelPatcher.clone``
+deep-copies ``model_options``) and the BoostHub weights live in one ModelPatcher registered with
+``set_additional_models``, so clones share them and ComfyUI moves them with the UNet. comfy is imported lazily.
+
+LQ cache (``t_y = fixed``, on by default): the condition stream is the same at every step, so a condition-only pass
+records every BoostHub layer's K_y/V_y once per prompt chunk and later steps run the input rows alone (replay);
+the cache is cleared at the start and end of every sampling run (an ``OUTER_SAMPLE`` wrapper).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..lora import boosthub as bh
+from ..lora.checkpoint import SD2_CONTEXT_DIM, CheckpointError, build_face_modules, read_flipnet_checkpoint
+from ..lora.face_embedder import append_face_tokens, null_face_tokens, resize_for_face_encoder
+from ._comfy import BFR_FOLDER, NodeInputError, register_model_folder
+
+logger = logging.getLogger(__name__)
+
+LOAD_ID = "BFR Load FlipNet"
+APPLY_ID = "BFR Apply FlipNet"
+CATEGORY = "BFR/flipnet"
+MODES = ["restore", "degrade"]
+T_Y_POLICIES = ["checkpoint", "same", "fixed"]
+WRAPPER_KEY = "bfr_flipnet"
+_JOINT = "bfr_flipnet_joint"  # transformer_options flag: rows in the current UNet call (input + condition)
+_STASH = "bfr_flipnet_n"  # extra_options slot for norm1(x) of the current block call
+_RECORD = "bfr_flipnet_record"  # LQ cache: {block key: (K_y, V_y)} filled by a condition-only pass
+_REPLAY = "bfr_flipnet_replay"  # LQ cache: {block key: (K_y, V_y)} used by an input-only pass
+
+
+# ---------------------------------------------------------------------------------------------- BFR_FLIPNET
+
+
+class _HubBank(nn.Module):
+    """All BoostHub projections of one checkpoint, keyed by ComfyUI-safe names (a ModuleDict forbids dots)."""
+
+    def __init__(self, hubs: dict[str, bh.BoostHubProjections]):
+        super().__init__()
+        self.layers = nn.ModuleDict({path.replace(".", "__"): hub for path, hub in hubs.items()})
+
+    def get(self, path: str) -> bh.BoostHubProjections:
+        return self.layers[path.replace(".", "__")]
+
+    def paths(self) -> list[str]:
+        return [k.replace("__", ".") for k in self.layers.keys()]
+
+
+@dataclass
+class FlipNetModel:
+    """The BFR_FLIPNET value: a validated checkpoint plus its torch modules (built once, shared by every Apply)."""
+
+    name: str
+    checkpoint: object  # lora.checkpoint.FlipNetCheckpoint
+    hubs: _HubBank
+    face_encoder: nn.Module | None = None
+    adapter: nn.Module | None = None
+    _patcher: object = field(default=None, repr=False)
+
+    @property
+    def mode(self) -> str:
+        return self.checkpoint.mode
+
+    @property
+    def has_face_embedder(self) -> bool:
+        return self.face_encoder is not None
+
+    def hub_patcher(self):
+        """A ModelPatcher around the BoostHub bank, so sampling loads/offloads it with the UNet (comfyui-notes §3.5)."""
+        if self._patcher is None:
+            import comfy.model_management as mm
+            import comfy.model_patcher
+
+            self._patcher = comfy.model_patcher.ModelPatcher(self.hubs, load_device=mm.get_torch_device(),
+                                                             offload_device=mm.unet_offload_device())
+        return self._patcher
+
+    def __deepcopy__(self, memo):  # weights are shared, never duplicated by a clone
+        return self
+
+
+def load_flipnet(path: str, node: str = LOAD_ID) -> FlipNetModel:
+    """Read a FlipNet ``.safetensors`` into a :class:`FlipNetModel`; every problem is a NodeInputError."""
+    import os
+
+    name = os.path.basename(str(path))
+    try:
+        ckpt = read_flipnet_checkpoint(path)
+        hubs = bh.boosthub_modules_from_state_dict(ckpt.boosthub)
+        enc = ada = None
+        if ckpt.has_face_embedder:
+            enc, ada = build_face_modules(ckpt)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise NodeInputError(node, f"{exc} Pick a FlipNet checkpoint (bfr_format flipnet/1, written by `bfr train "
+                                   "flipnet`) in models/bfr.") from exc
+    except ValueError as exc:
+        raise NodeInputError(node, f"{name}: {exc} The file is not a valid FlipNet checkpoint; re-export it with "
+                                   "`bfr train flipnet`.") from exc
+    for module in (enc, ada):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    bank = _HubBank(hubs).requires_grad_(False).eval()
+    logger.info("Loaded FlipNet %s (%s mode, LoRA rank %d, %d BoostHub layers, face embedder: %s).", name,
+                ckpt.mode, ckpt.rank, len(hubs), enc is not None)
+    return FlipNetModel(name=name, checkpoint=ckpt, hubs=bank, face_encoder=enc, adapter=ada)
+
+
+class BFRLoadFlipNet:
+    """models/bfr/<file> -> BFR_FLIPNET."""
+
+    DESCRIPTION = (
+        "Loads a FlipNet checkpoint (FlipNet, BFR on SD2.1-base) from models/bfr: the rank-64 LoRA on every "
+        "attention projection, the BoostHub branch of every self-attention layer and, for restoration "
+        "checkpoints, the LQ face encoder + adapter that turn the input face into extra prompt tokens. Connect it "
+        "to 'BFR Apply FlipNet'. The file's metadata says whether it restores or degrades.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("BFR_FLIPNET",)
+    RETURN_NAMES = ("flipnet",)
+    OUTPUT_TOOLTIPS = ("The FlipNet weights (LoRA, BoostHub, face embedder) for BFR Apply FlipNet.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = []
+        try:
+            import folder_paths
+
+            register_model_folder()
+            names = folder_paths.get_filename_list(BFR_FOLDER)
+        except Exception:  # outside ComfyUI: no folder list
+            names = []
+        return {
+            "required": {
+                "flipnet_name": (names, {"tooltip": "FlipNet .safetensors in models/bfr (bfr_format flipnet/1), "
+                                                    "e.g. flipnet_restore.safetensors from `bfr train flipnet`."}),
+            },
+        }
+
+    def load(self, flipnet_name):
+        import folder_paths
+
+        register_model_folder()
+        path = folder_paths.get_full_path(BFR_FOLDER, flipnet_name)
+        if path is None:
+            raise NodeInputError(LOAD_ID, f"{flipnet_name!r} is not in models/bfr; put the FlipNet .safetensors "
+                                          "there (or in a 'bfr' entry of extra_model_paths.yaml) and refresh.")
+        return (load_flipnet(path),)
+
+
+# ---------------------------------------------------------------------------------------------- patches
+
+
+class BoostHubStash:
+    """``attn1_patch``: remember ``n = norm1(x)`` of the joint batch for :class:`BoostHubOutput` (same block call)."""
+
+    def __call__(self, n, context, value, extra_options):
+        if extra_options.get(_JOINT) or _RECORD in extra_options or _REPLAY in extra_options:
+            extra_options[_STASH] = n
+        return n, context, value
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class BoostHubOutput:
+    """``attn1_output_patch``: F_joint = SelfAttn(F_x) + phi F_ro on the input rows (Eq. 5), per block."""
+
+    def __init__(self, flipnet: FlipNetModel, keys: dict[tuple[str, int, int], str], phi: float):
+        self.flipnet = flipnet
+        self.keys = keys  # ComfyUI (block, number, block_index) -> diffusers attn1 path
+        self.phi = float(phi)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, out, extra_options):
+        n = extra_options.pop(_STASH, None)
+        if n is None:
+            return out
+        block = extra_options.get("block")
+        key = (block[0], int(block[1]), int(extra_options.get("block_index", 0))) if block is not None else None
+        path = self.keys.get(key)
+        if path is None:
+            raise RuntimeError(f"[{APPLY_ID}] no BoostHub for self-attention block {key}; the FlipNet checkpoint "
+                               f"{self.flipnet.name} does not fit this model.")
+        hub = self.flipnet.hubs.get(path)
+        if hub.q_proj.weight.device != n.device:  # normally moved by the additional-model patcher
+            hub.to(n.device)
+        heads = int(extra_options["n_heads"])
+        if _RECORD in extra_options:  # condition-only pass: keep K_y, V_y; the output is discarded
+            extra_options[_RECORD][key] = bh.boosthub_kv(n, hub)
+            return out
+        if _REPLAY in extra_options:  # input-only pass: F_joint with the recorded K_y, V_y
+            boost = bh.boosthub_residual(n, None, hub, heads, self.phi, kv=extra_options[_REPLAY][key])
+            return bh.joint_features(out, boost.to(out.dtype))
+        if extra_options.get(_JOINT):
+            return bh.boost_joint_batch(out, n, hub, heads, self.phi)
+        return out
+
+
+class JointBatchWrapper:
+    """``APPLY_MODEL`` wrapper: run ``cat([x, y_sigma])`` through the model and return the input half.
+
+    ``condition`` is the model-space condition latent (B or 1 rows), ``noise`` its fixed noise draw;
+    ``sigma_y`` None means policy ``same`` (y at each row's own sigma), else the fixed sigma of ``t_y``.
+    """
+
+    def __init__(self, condition: torch.Tensor, noise: torch.Tensor, sigma_y: float | None, lq_cache: bool = False):
+        self.condition = condition
+        self.noise = noise
+        self.sigma_y = sigma_y
+        self.lq_cache = bool(lq_cache) and sigma_y is not None
+        self.cache: dict = {}  # (cond uuid, cond_or_uncond) -> {"context", "rows", "kv": {block key: (K, V)}}
+        self.condition_passes = 0  # condition-only UNet passes run for the LQ cache (diagnostics, tests)
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+
+    def outer_sample(self, executor, *args, **kwargs):
+        """OUTER_SAMPLE wrapper: a fresh LQ cache for every sampling run (weights and prompts may have changed)."""
+        self.clear_cache()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.clear_cache()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def condition_rows(self, x: torch.Tensor, sigma: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y at its sigma for every row of x, the per-row sigmas of y); x holds ``chunks`` equal cond/uncond parts."""
+        rows = x.shape[0]
+        if chunks < 1 or rows % chunks:
+            chunks = 1
+        per = rows // chunks
+        y, eps = self.condition, self.noise
+        if y.shape[0] != per:
+            if y.shape[0] != 1:
+                raise RuntimeError(f"[{APPLY_ID}] the sampled latent has batch {per} but the condition IMAGE has "
+                                   f"{y.shape[0]} images; sample the LATENT output of {APPLY_ID} (one latent per "
+                                   "image) or give one image.")
+            y, eps = y.expand(per, -1, -1, -1), eps.expand(per, -1, -1, -1)
+        if tuple(y.shape[1:]) != tuple(x.shape[1:]):
+            raise RuntimeError(f"[{APPLY_ID}] the sampled latent {tuple(x.shape[1:])} does not match the condition "
+                               f"image's latent {tuple(y.shape[1:])}; sample the LATENT output of {APPLY_ID} (same "
+                               "size as the image) and do not use area conditioning.")
+        y = y.repeat(chunks, 1, 1, 1).to(x.device, torch.float32)
+        eps = eps.repeat(chunks, 1, 1, 1).to(x.device, torch.float32)
+        sigma = sigma.reshape(-1).to(x.device, torch.float32)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(rows)
+        sig_y = sigma if self.sigma_y is None else torch.full_like(sigma, self.sigma_y)
+        return (y + sig_y.view(-1, 1, 1, 1) * eps).to(x.dtype), sig_y.to(sigma.dtype)
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                 **kwargs):
+        transformer_options = transformer_options if transformer_options is not None else {}
+        if control is not None:
+            raise RuntimeError(f"[{APPLY_ID}] FlipNet cannot be combined with ControlNet/T2I-Adapter: the control "
+                               "residuals are computed for the plain batch, FlipNet doubles it. Remove the "
+                               "ControlNet from this sampler.")
+        rows = x.shape[0]
+        chunks = len(transformer_options.get("cond_or_uncond", [0]))
+        y, sig_y = self.condition_rows(x, t, chunks)
+        if self.lq_cache:
+            return self._cached_call(executor, x, t, y, sig_y, c_concat, c_crossattn, transformer_options, kwargs)
+        sigma = t.reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(rows)
+        x2 = torch.cat([x, y])
+        t2 = torch.cat([sigma, sig_y.to(sigma.device, sigma.dtype)])
+
+        def double(v):
+            if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == rows:
+                return torch.cat([v, v])
+            if isinstance(v, list):
+                return [double(e) for e in v]
+            return v
+
+        options = dict(transformer_options)
+        options[_JOINT] = 2 * rows
+        out = executor(x2, t2, double(c_concat), double(c_crossattn), control, options,
+                       **{k: double(v) for k, v in kwargs.items()})
+        return out[:rows]
+
+    def _cached_call(self, executor, x, t, y, sig_y, c_concat, c_crossattn, transformer_options, kwargs):
+        """LQ cache (t_y fixed): record K_y/V_y of every BoostHub layer once per prompt chunk, then run x alone.
+
+        The condition rows never read the input rows and y_{t_y} is the same at every step, so their per-layer K/V
+        only depend on the chunk's prompt: a condition-only pass (recorded) + an input-only pass (replayed) equals
+        the joint batch (lora/boosthub.py, BoostHubState)."""
+        rows = x.shape[0]
+        kinds = list(transformer_options.get("cond_or_uncond", [0]))
+        uuids = list(transformer_options.get("uuids", [None] * len(kinds)))
+        if len(kinds) < 1 or rows % len(kinds):
+            kinds, uuids = [0], [None]
+        per = rows // len(kinds)
+
+        def part(v, j_list):
+            if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == rows:
+                return torch.cat([v[j * per:(j + 1) * per] for j in j_list])
+            if isinstance(v, list):
+                return [part(e, j_list) for e in v]
+            return v
+
+        def entry_key(j):
+            return (uuids[j] if j < len(uuids) else None, kinds[j])
+
+        missing = []
+        for j in range(len(kinds)):
+            entry = self.cache.get(entry_key(j))
+            ctx = c_crossattn[j * per:(j + 1) * per] if c_crossattn is not None else None
+            if entry is None or entry["rows"] != per or not _same_tensor(entry["context"], ctx):
+                missing.append(j)
+        if missing:
+            store: dict = {}
+            options = dict(transformer_options)
+            options[_RECORD] = store
+            options["cond_or_uncond"] = [kinds[j] for j in missing]
+            options["uuids"] = [uuids[j] for j in missing if j < len(uuids)]
+            executor(part(y, missing), part(sig_y.to(t.device, t.dtype), missing), part(c_concat, missing),
+                     part(c_crossattn, missing), None, options, **{k: part(v, missing) for k, v in kwargs.items()})
+            self.condition_passes += 1
+            for i, j in enumerate(missing):
+                ctx = c_crossattn[j * per:(j + 1) * per] if c_crossattn is not None else None
+                self.cache[entry_key(j)] = {
+                    "context": None if ctx is None else ctx.detach().clone(), "rows": per,
+                    "kv": {key: (k[i * per:(i + 1) * per], v[i * per:(i + 1) * per]) for key, (k, v) in store.items()},
+                }
+        entries = [self.cache[entry_key(j)]["kv"] for j in range(len(kinds))]
+        replay = {key: (torch.cat([e[key][0] for e in entries]), torch.cat([e[key][1] for e in entries]))
+                  for key in entries[0]}
+        options = dict(transformer_options)
+        options[_REPLAY] = replay
+        return executor(x, t, c_concat, c_crossattn, None, options, **kwargs)
+
+
+def _same_tensor(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and a.device == b.device and torch.equal(a, b.to(a.dtype))
+
+
+def joint_batch_wrapper(model) -> JointBatchWrapper | None:
+    """The FlipNet wrapper on a patched MODEL (None if it carries none); tests read its condition latent here."""
+    import comfy.patcher_extension as pe
+
+    found = model.wrappers.get(pe.WrappersMP.APPLY_MODEL, {}).get(WRAPPER_KEY, [])
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------------------------------------- Apply node
+
+
+def check_sd21_model(node: str, model) -> dict:
+    """The MODEL's unet_config, after checking it is an SD2.x UNet (context 1024, 4 latent channels)."""
+    try:
+        cfg = model.model.model_config.unet_config
+        diffusion = model.model.diffusion_model
+    except AttributeError as exc:
+        raise NodeInputError(node, f"expected a MODEL from a checkpoint loader, got {type(model).__name__}.") from exc
+    ctx = cfg.get("context_dim")
+    if ctx != SD2_CONTEXT_DIM:
+        raise NodeInputError(node, f"FlipNet needs an SD2.1-base MODEL (text context width {SD2_CONTEXT_DIM}); this "
+                                   f"MODEL ({type(model.model).__name__}) has context_dim={ctx} (SD1.x: 768, SDXL: "
+                                   "2048). Load v2-1_512-ema-pruned (SD2.1-base) with the checkpoint loader.")
+    if cfg.get("in_channels", 4) != 4 or not hasattr(diffusion, "input_blocks"):
+        raise NodeInputError(node, f"FlipNet needs a plain 4-channel SD2.1-base UNet, got in_channels="
+                                   f"{cfg.get('in_channels')} ({type(diffusion).__name__}). Use the SD2.1-base "
+                                   "checkpoint, not an inpainting or depth model.")
+    return cfg
+
+
+def self_attention_blocks(model) -> dict[tuple[str, int, int], int]:
+    """{ComfyUI (block, number, block_index): attn1 width} for every transformer block of the MODEL's UNet."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    unet = model.model.diffusion_model
+    found = {}
+    groups = [("input", i, b) for i, b in enumerate(unet.input_blocks)] + [("middle", 0, unet.middle_block)] + \
+        [("output", i, b) for i, b in enumerate(unet.output_blocks)]
+    for name, number, block in groups:
+        for module in block:
+            if isinstance(module, SpatialTransformer):
+                for k, tb in enumerate(module.transformer_blocks):
+                    found[(name, number, k)] = int(tb.attn1.to_q.in_features)
+    return found
+
+
+def _block_keys(node: str, flipnet: FlipNetModel, model, unet_config: dict) -> dict[tuple[str, int, int], str]:
+    have = self_attention_blocks(model)
+    keys = {}
+    try:
+        for path in flipnet.hubs.paths():
+            keys[bh.comfy_block_key(path, unet_config)] = path
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise NodeInputError(node, f"{flipnet.name}: {exc} The checkpoint does not fit this MODEL's UNet.") from exc
+    if set(keys) != set(have):
+        raise NodeInputError(node, f"{flipnet.name} has BoostHub layers for {sorted(keys)} but this MODEL's "
+                                   f"self-attention blocks are {sorted(have)}: it was trained on another UNet "
+                                   "topology. Use the SD2.1-base checkpoint it was trained with.")
+    for key, path in keys.items():
+        width = flipnet.hubs.get(path).hidden_size
+        if width != have[key]:
+            raise NodeInputError(node, f"{flipnet.name}: BoostHub {path} is {width} wide but block {key} of this "
+                                       f"MODEL is {have[key]} wide; use the SD2.1-base checkpoint it was trained "
+                                       "with.")
+    return keys
+
+
+def prepare_image(node: str, image) -> torch.Tensor:
+    """IMAGE (B,H,W,C) -> (B,H,W,3) float in [0,1]; gray replicated, alpha dropped, bad sizes/values rejected."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4:
+        raise NodeInputError(node, f"expected an IMAGE batch (B,H,W,C), got {getattr(image, 'shape', type(image))}.")
+    c = image.shape[-1]
+    if c in (1, 2):
+        image = image[..., :1].expand(*image.shape[:-1], 3)
+    elif c == 4:
+        image = image[..., :3]
+    elif c != 3:
+        raise NodeInputError(node, f"IMAGE has {c} channels; expected 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA).")
+    if not torch.isfinite(image).all():
+        raise NodeInputError(node, "IMAGE contains NaN or inf pixels; fix the source (e.g. a broken upstream node).")
+    h, w = image.shape[1:3]
+    if h % 8 or w % 8 or min(h, w) < 16:
+        raise NodeInputError(node, f"IMAGE is {w}x{h}; FlipNet needs sides that are multiples of 8 and >= 16 "
+                                   "(aligned 512x512 faces are what it was trained on). Crop or resize the image "
+                                   "(e.g. with BFR Crop Faces or ImageScale).")
+    return image.float().clamp(0, 1)
+
+
+def condition_noise(shape, seed: int) -> torch.Tensor:
+    """The condition stream's noise: row i from a CPU generator seeded with seed + i (device independent)."""
+    rows = []
+    for i in range(shape[0]):
+        g = torch.Generator(device="cpu").manual_seed((int(seed) + i) & 0xFFFF_FFFF_FFFF_FFFF)
+        rows.append(torch.randn(tuple(shape[1:]), generator=g))
+    return torch.stack(rows)
+
+
+def _with_tokens(node: str, conditioning, tokens: torch.Tensor, what: str):
+    """A new CONDITIONING whose tensors carry ``tokens`` appended on the token axis (inputs are not modified)."""
+    out = []
+    b = tokens.shape[0]
+    for cond, opts in conditioning:
+        if cond.shape[-1] != tokens.shape[-1]:
+            raise NodeInputError(node, f"{what} conditioning is {cond.shape[-1]} wide, the face tokens "
+                                       f"{tokens.shape[-1]}: encode the prompt with the SD2.1 CLIP of the same "
+                                       "checkpoint.")
+        if cond.shape[0] not in (1, b):
+            raise NodeInputError(node, f"{what} conditioning has batch {cond.shape[0]} but there are {b} images; "
+                                       "use one prompt (batch 1) or one per image.")
+        if cond.shape[0] != b:
+            cond = cond.expand(b, -1, -1)
+        out.append([append_face_tokens(cond, tokens.to(cond.device)), dict(opts)])
+    return out
+
+
+def _sigma_of_timestep(model, t_y: int) -> float:
+    ms = model.get_model_object("model_sampling")
+    table = getattr(ms, "sigmas", None)
+    if table is None or table.ndim != 1:
+        raise NodeInputError(APPLY_ID, f"model sampling {type(ms).__name__} has no discrete sigma table; FlipNet "
+                                       "needs the SD2.1-base DDPM schedule.")
+    import comfy.model_sampling as cms
+
+    if not isinstance(ms, cms.EPS) or isinstance(ms, cms.V_PREDICTION):
+        logger.warning("%s: the MODEL is not eps-prediction (%s); FlipNet was trained on SD2.1-base (512, eps). "
+                       "Results with SD2.1-768-v are not what the checkpoint learned.", APPLY_ID, type(ms).__name__)
+    if not 0 <= t_y < table.shape[0]:
+        raise NodeInputError(APPLY_ID, f"t_y={t_y} is outside the model's {table.shape[0]} training timesteps.")
+    return float(table[t_y])
+
+
+class BFRApplyFlipNet:
+    """MODEL + BFR_FLIPNET + IMAGE -> patched MODEL, prompts with face tokens, and the latent to sample."""
+
+    DESCRIPTION = (
+        "FlipNet (SD2.1-base): restores a low-quality face (mode restore) or synthesizes a realistic degraded "
+        "version of a clean face (mode degrade). Returns a patched copy of the MODEL (FlipNet LoRA + BoostHub: "
+        "every UNet call also runs the encoded input image, diffused to t_y, and each self-attention layer of the "
+        "generated image reads its features, weighted by phi), the positive/negative prompts with the face "
+        "embedding tokens of the image appended (restore mode), and an empty latent of the image's size. Sample "
+        "with KSampler: cfg 1.5 (paper), any SD sampler, denoise 1.0; negative prompt e.g. 'low quality, blurry, "
+        "jpeg artifacts, noisy'; for degrade mode leave both prompts empty. Do not combine with ControlNet.")
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("model", "positive", "negative", "latent")
+    OUTPUT_TOOLTIPS = (
+        "A patched clone of the input MODEL (the input stays untouched).",
+        "The positive prompt with the face tokens tau(z_y) of the image appended (unchanged in degrade mode).",
+        "The negative prompt with the null face tokens tau(0) appended (unchanged in degrade mode).",
+        "An empty latent of the image's size and batch: sample this one (denoise 1.0).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "SD2.1-base (512, eps-prediction) from the checkpoint loader."}),
+                "flipnet": ("BFR_FLIPNET", {"tooltip": "From BFR Load FlipNet."}),
+                "vae": ("VAE", {"tooltip": "The SD2.1 VAE, to encode the condition image."}),
+                "image": ("IMAGE", {"tooltip": "restore: the low-quality face(s) to restore; degrade: the clean "
+                                               "face(s) to degrade. Aligned face crops, sides multiples of 8 "
+                                               "(512x512 as in training)."}),
+                "positive": ("CONDITIONING", {"tooltip": "Prompt from CLIPTextEncode with this checkpoint's CLIP "
+                                                         "(restore: a caption or empty; degrade: empty)."}),
+                "negative": ("CONDITIONING", {"tooltip": "Negative prompt (restore: 'low quality, blurry, ...'; "
+                                                         "degrade: empty)."}),
+                "mode": (MODES, {"default": "restore", "tooltip": "restore: generate HQ from the LQ image; degrade: "
+                                                                  "generate LQ from the HQ image. Must match the "
+                                                                  "checkpoint's mode."}),
+                "phi": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                                  "tooltip": "BoostHub enhance weight: how strongly the generated image follows "
+                                             "the input image's features. 0 = prompt/face tokens only (identity "
+                                             "drifts), 1 = paper default, 2 = the input dominates (smooth)."}),
+                "t_y_policy": (T_Y_POLICIES, {"default": "checkpoint",
+                                              "tooltip": "Noise level of the condition image at each step: same = "
+                                                         "the current step's; fixed = timestep t_y at every step; "
+                                                         "checkpoint = the policy and t_y stored in the file."}),
+                "t_y": ("INT", {"default": 100, "min": 0, "max": 999,
+                                "tooltip": "Condition timestep (of 1000) for t_y_policy=fixed; small = sharp "
+                                           "condition. Ignored by 'same' and 'checkpoint'."}),
+                "lq_cache": ("BOOLEAN", {"default": True,
+                                         "tooltip": "t_y fixed only: compute the condition image's BoostHub keys/"
+                                                    "values once per prompt and reuse them at every step (about "
+                                                    "half the UNet work; same result). Off = run the joint batch "
+                                                    "every step."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFF_FFFF_FFFF_FFFF, "control_after_generate": True,
+                                 "tooltip": "Seed of the noise added to the condition image (image i uses "
+                                            "seed + i). The sampler's own seed drives the generated image."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, mode=None, phi=None, t_y_policy=None, t_y=None):
+        if mode is not None and mode not in MODES:
+            return f"[{APPLY_ID}] mode must be one of {MODES} (got {mode!r})."
+        if phi is not None and not (isinstance(phi, (int, float)) and 0.0 <= phi <= 2.0):
+            return f"[{APPLY_ID}] phi must be in [0, 2] (got {phi!r}); 1 is the paper's default."
+        if t_y_policy is not None and t_y_policy not in T_Y_POLICIES:
+            return f"[{APPLY_ID}] t_y_policy must be one of {T_Y_POLICIES} (got {t_y_policy!r})."
+        if t_y is not None and not (isinstance(t_y, int) and 0 <= t_y <= 999):
+            return f"[{APPLY_ID}] t_y must be an integer timestep in [0, 999] (got {t_y!r})."
+        return True
+
+    def apply(self, model, flipnet, vae, image, positive, negative, mode="restore", phi=1.0, t_y_policy="checkpoint",
+              t_y=100, lq_cache=True, seed=0):
+        import comfy.lora
+        import comfy.patcher_extension as pe
+
+        node = APPLY_ID
+        if not isinstance(flipnet, FlipNetModel):
+            raise NodeInputError(node, f"flipnet must come from {LOAD_ID}, got {type(flipnet).__name__}.")
+        problem = self.VALIDATE_INPUTS(mode=mode, phi=phi, t_y_policy=t_y_policy, t_y=t_y)
+        if problem is not True:
+            raise NodeInputError(node, problem.split("] ", 1)[-1])
+        if flipnet.mode != mode:
+            raise NodeInputError(node, f"mode is {mode!r} but {flipnet.name} is a {flipnet.mode}-mode checkpoint; "
+                                       f"set mode to {flipnet.mode!r} or load a {mode}-mode checkpoint.")
+        unet_config = check_sd21_model(node, model)
+        keys = _block_keys(node, flipnet, model, unet_config)
+        image = prepare_image(node, image)
+        ckpt = flipnet.checkpoint
+        policy = ckpt.defaults.t_y_policy if t_y_policy == "checkpoint" else t_y_policy
+        ty = int(ckpt.defaults.t_y if t_y_policy == "checkpoint" else t_y)
+
+        # condition latent (model space) and its noise
+        with torch.no_grad():
+            raw = vae.encode(image)
+        base = model.model
+        condition = base.process_latent_in(raw.float()).float().cpu()
+        noise = condition_noise(condition.shape, seed)
+        sigma_fixed = _sigma_of_timestep(model, ty)  # also checks the schedule for policy 'same'
+        sigma_y = sigma_fixed if policy == "fixed" else None
+
+        # patch a clone: LoRA through ComfyUI's loader, BoostHub patches, the joint-batch wrapper
+        m = model.clone()
+        key_map = comfy.lora.model_lora_keys_unet(m.model, {})
+        patches = comfy.lora.load_lora(ckpt.lora, key_map, log_missing=False)
+        applied = m.add_patches(patches, 1.0)
+        expected = sum(k.endswith(".lora_down.weight") for k in ckpt.lora)
+        if len(applied) != expected:
+            raise NodeInputError(node, f"{flipnet.name}: only {len(applied)} of {expected} LoRA layers fit this "
+                                       "MODEL; the checkpoint was trained on another UNet. Use the SD2.1-base "
+                                       "checkpoint it was trained with.")
+        m.set_model_attn1_patch(BoostHubStash())
+        m.set_model_attn1_output_patch(BoostHubOutput(flipnet, keys, phi))
+        wrapper = JointBatchWrapper(condition, noise, sigma_y, lq_cache=lq_cache)
+        m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
+        m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, wrapper.outer_sample)
+        m.set_additional_models(WRAPPER_KEY, [flipnet.hub_patcher()])
+
+        # prompts: + face tokens (restore), unchanged (degrade)
+        pos, neg = positive, negative
+        if mode == "restore":
+            if flipnet.has_face_embedder:
+                c_id, c_null = self.face_tokens(flipnet, image)
+                pos = _with_tokens(node, positive, c_id, "positive")
+                neg = _with_tokens(node, negative, c_null, "negative")
+            else:
+                logger.warning("%s: %s has no face embedder; prompts are used without face tokens.", node,
+                               flipnet.name)
+        latent = {"samples": torch.zeros_like(raw, device="cpu")}
+        logger.info("%s: %s mode, phi=%.3g, t_y policy %s%s, %d image(s) %dx%d.", node, mode, phi, policy,
+                    f" (t_y={ty}, LQ cache {'on' if wrapper.lq_cache else 'off'})" if policy == "fixed" else "",
+                    image.shape[0], image.shape[2], image.shape[1])
+        return m, pos, neg, latent
+
+    @staticmethod
+    @torch.no_grad()
+    def face_tokens(flipnet: FlipNetModel, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tau(z_y), tau(0)) for IMAGE (B,H,W,3), as :meth:`FlipNetPipeline.face_tokens` computes them."""
+        from ._comfy import intermediate_device, torch_device
+
+        enc, ada = flipnet.face_encoder, flipnet.adapter
+        device = torch_device()
+        enc.to(device)
+        ada.to(device)
+        p = next(ada.parameters())
+        size = flipnet.checkpoint.face_image_size or image.shape[2]
+        pixels = resize_for_face_encoder(image.movedim(-1, 1), size).to(device, p.dtype)
+        z = enc(pixels)
+        c_id = ada(z)
+        c_null = null_face_tokens(ada, z.shape[0], z.shape[1])
+        out = intermediate_device()
+        return c_id.float().to(out), c_null.float().to(out)
+
+
+NODE_CLASS_MAPPINGS = {LOAD_ID: BFRLoadFlipNet, APPLY_ID: BFRApplyFlipNet}
+NODE_DISPLAY_NAME_MAPPINGS = {LOAD_ID: "BFR Load FlipNet", APPLY_ID: "BFR Apply FlipNet"}
