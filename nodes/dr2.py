@@ -220,8 +220,8 @@ def _model_sigmas(node, model, n, tau, omega_mode, omega, steps) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------- restore node
 
 
-def prepare_image(node: str, image: torch.Tensor) -> torch.Tensor:
-    """IMAGE (B,H,W,C) -> (B,H,W,3) float: gray replicated, alpha dropped, NaN/inf and tiny sizes rejected."""
+def to_rgb(node: str, image) -> torch.Tensor:
+    """IMAGE (B,H,W,C) -> (B,H,W,3) float in [0,1]: gray replicated, alpha dropped, NaN/inf rejected."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4:
         raise NodeInputError(node, f"expected an IMAGE batch (B,H,W,C), got {getattr(image, 'shape', type(image))}.")
     c = image.shape[-1]
@@ -234,10 +234,16 @@ def prepare_image(node: str, image: torch.Tensor) -> torch.Tensor:
                                    "(RGBA).")
     if not torch.isfinite(image).all():
         raise NodeInputError(node, "IMAGE contains NaN or inf pixels; fix the source (e.g. a broken upstream node).")
+    return image.float().clamp(0, 1)
+
+
+def prepare_image(node: str, image: torch.Tensor) -> torch.Tensor:
+    """:func:`to_rgb`, and tiny sizes rejected (DR2 pads other sizes to a multiple of 8)."""
+    image = to_rgb(node, image)
     if min(image.shape[1:3]) < 16:
         raise NodeInputError(node, f"IMAGE {image.shape[2]}x{image.shape[1]} is too small; DR2 needs at least "
                                    "16x16 pixels (faces work best at 512x512).")
-    return image.float().clamp(0, 1)
+    return image
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:

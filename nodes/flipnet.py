@@ -38,6 +38,7 @@ from ..lora import boosthub as bh
 from ..lora.checkpoint import SD2_CONTEXT_DIM, CheckpointError, build_face_modules, read_flipnet_checkpoint
 from ..lora.face_embedder import append_face_tokens, null_face_tokens, resize_for_face_encoder
 from ._comfy import BFR_FOLDER, NodeInputError, register_model_folder
+from .dr2 import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -433,24 +434,14 @@ def _block_keys(node: str, flipnet: FlipNetModel, model, unet_config: dict) -> d
 
 
 def prepare_image(node: str, image) -> torch.Tensor:
-    """IMAGE (B,H,W,C) -> (B,H,W,3) float in [0,1]; gray replicated, alpha dropped, bad sizes/values rejected."""
-    if not isinstance(image, torch.Tensor) or image.ndim != 4:
-        raise NodeInputError(node, f"expected an IMAGE batch (B,H,W,C), got {getattr(image, 'shape', type(image))}.")
-    c = image.shape[-1]
-    if c in (1, 2):
-        image = image[..., :1].expand(*image.shape[:-1], 3)
-    elif c == 4:
-        image = image[..., :3]
-    elif c != 3:
-        raise NodeInputError(node, f"IMAGE has {c} channels; expected 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA).")
-    if not torch.isfinite(image).all():
-        raise NodeInputError(node, "IMAGE contains NaN or inf pixels; fix the source (e.g. a broken upstream node).")
+    """:func:`.dr2.to_rgb`, and sides that are not multiples of 8 (or below 16) rejected."""
+    image = to_rgb(node, image)
     h, w = image.shape[1:3]
     if h % 8 or w % 8 or min(h, w) < 16:
         raise NodeInputError(node, f"IMAGE is {w}x{h}; FlipNet needs sides that are multiples of 8 and >= 16 "
                                    "(aligned 512x512 faces are what it was trained on). Crop or resize the image "
-                                   "(e.g. with BFR Crop Faces or ImageScale).")
-    return image.float().clamp(0, 1)
+                                   "(e.g. with ImageScale or ImageCrop).")
+    return image
 
 
 def condition_noise(shape, seed: int) -> torch.Tensor:
