@@ -42,8 +42,9 @@ def _import_pack():
         module = importlib.util.module_from_spec(spec)
         sys.modules["comfyui_bfr"] = module
         spec.loader.exec_module(module)
-    from comfyui_bfr.lora import convert
+    from comfyui_bfr.sd import convert
     from comfyui_bfr.pipelines import dr2, ilvr
+    from comfyui_bfr.sd import diffusion
 
     return convert, dr2, ilvr
 
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
              torch.get_num_threads())
 
     b, h = args.batch, args.size // 8
-    sigmas = ilvr.sigmas_from_alphas_cumprod(ilvr.sd_alphas_cumprod())
+    sigmas = diffusion.sigmas_from_alphas_cumprod(diffusion.sd_alphas_cumprod())
     s, s_next = float(sigmas[474]), float(sigmas[464])  # one DR2 transition (tau=22 -> omega=47 range, T=100)
     y = torch.randn(b, 4, h, h)
     x = torch.randn(b, 4, h, h) * (1 + s * s) ** 0.5

@@ -46,7 +46,8 @@ def _import_pack():
         module = importlib.util.module_from_spec(spec)
         sys.modules["comfyui_bfr"] = module
         spec.loader.exec_module(module)
-    from comfyui_bfr.lora import boosthub, convert
+    from comfyui_bfr.lora import boosthub
+    from comfyui_bfr.sd import convert
     from comfyui_bfr.pipelines import flipnet
 
     return boosthub, convert, flipnet

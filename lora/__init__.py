@@ -1,2 +1,2 @@
-"""Everything trainable (LoRA targets, BoostHub, face embedder, DR encoder, identity mask), training entry points
-and checkpoint formats. Never imports comfy."""
+"""The trainable modules (LoRA targets, BoostHub, face embedder + adapter), their losses and checkpoint formats.
+Never imports comfy."""

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 FLIPNET_FORMAT = "flipnet/1"
 FACE_AE_FORMAT = "flipnet-face-ae/1"
 BASE_MODEL = "sd2.1-base"
-MODES = ("restore", "degrade")
+FLIPNET_MODES = ("restore", "degrade")
 T_Y_POLICIES = ("same", "fixed")
 SD2_CONTEXT_DIM = 1024
 
@@ -176,8 +176,8 @@ def save_flipnet_checkpoint(
     """Write LoRA (kohya keys) + BoostHub (+ LQ face encoder + adapter for restore mode) with metadata."""
     from safetensors.torch import save_file
 
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if mode not in FLIPNET_MODES:
+        raise ValueError(f"mode must be one of {FLIPNET_MODES}, got {mode!r}.")
     if (face_encoder is None) != (adapter is None):
         raise ValueError("Save the face encoder and the adapter together (or neither).")
     defaults = defaults or FlipNetDefaults()
@@ -233,8 +233,8 @@ def read_flipnet_checkpoint(path: str | Path, expected_base_model: str = BASE_MO
         raise CheckpointError(path, f"was trained for base model {base!r}, but {expected_base_model!r} is in use. "
                                     f"Load it with an {base} checkpoint.")
     mode = meta.get("mode")
-    if mode not in MODES:
-        raise CheckpointError(path, f"metadata mode is {mode!r}, expected one of {MODES}.")
+    if mode not in FLIPNET_MODES:
+        raise CheckpointError(path, f"metadata mode is {mode!r}, expected one of {FLIPNET_MODES}.")
     groups: dict[str, dict[str, torch.Tensor]] = {"lora": {}, "boosthub": {}, "face_embedder": {}, "adapter": {}}
     unknown = []
     for key, value in tensors.items():

@@ -260,3 +260,18 @@ def resize_for_face_encoder(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def encode_face(encoder: LQFaceEncoder, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """z_y = E_LQ(y): images (B,3,H,W) in [0,1], resized to the encoder's training ``size``, on its device/dtype."""
+    p = next(encoder.parameters())
+    pixels = resize_for_face_encoder(images, size or images.shape[-1])
+    return encoder(pixels.to(p.device, p.dtype))
+
+
+def face_tokens(encoder: LQFaceEncoder, adapter: FaceAdapter, images: torch.Tensor, size: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tau(z_y), tau(0)): the face tokens for the conditional branch and the null tokens for the unconditional one
+    (§4.1); every inference path (diffusers pipeline, ComfyUI node) computes them here."""
+    z = encode_face(encoder, images, size)
+    return adapter(z), null_face_tokens(adapter, z.shape[0], z.shape[1])

@@ -1,4 +1,4 @@
-"""Losses and diffusion math for FlipNet training (FlipNet paper §3-4), one pure function per equation.
+"""Losses for FlipNet training (FlipNet paper §3-4), one pure function per equation.
 
 Images are ``(B, 3, H, W)`` in ``[0, 1]`` unless a docstring says otherwise; latents are VAE latents already
 multiplied by the VAE scaling factor.
@@ -19,48 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------------------------------------------------
-# Diffusion (Eq. 1-3, 7)
-# --------------------------------------------------------------------------------------------------------------------
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def _gather(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """alphas_cumprod[t] reshaped to broadcast against ``like`` (B, ...)."""
-    a = alphas_cumprod.to(device=like.device, dtype=torch.float32)[t.to(like.device).long()]
-    return a.view(-1, *([1] * (like.ndim - 1)))
-
-
-def q_sample(z0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Eq. (1): z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps."""
-    a = _gather(alphas_cumprod, t, z0)
-    return (a.sqrt() * z0.float() + (1.0 - a).sqrt() * noise.float()).to(z0.dtype)
-
-
-def diffusion_target(
-    z0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    """Regression target of Eq. (2): eps for eps-prediction (SD2.1-base), v = sqrt(a) eps - sqrt(1-a) z0 for v."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        a = _gather(alphas_cumprod, t, z0)
-        return (a.sqrt() * noise.float() - (1.0 - a).sqrt() * z0.float()).to(z0.dtype)
-    raise ValueError(f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}.")
-
-
-def predict_x0(
-    z_t: torch.Tensor, model_out: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    """Eq. (3): z0_hat = (z_t - sqrt(1 - a_t) eps_theta) / sqrt(a_t)  (v-prediction: sqrt(a) z_t - sqrt(1-a) v)."""
-    a = _gather(alphas_cumprod, t, z_t)
-    if prediction_type == "epsilon":
-        return ((z_t.float() - (1.0 - a).sqrt() * model_out.float()) / a.sqrt()).to(z_t.dtype)
-    if prediction_type == "v_prediction":
-        return (a.sqrt() * z_t.float() - (1.0 - a).sqrt() * model_out.float()).to(z_t.dtype)
-    raise ValueError(f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}.")
 
 
 def ldm_loss(model_out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -15,14 +15,6 @@ logger = logging.getLogger(__name__)
 BFR_FOLDER = "bfr"
 
 
-class NodeInputError(ValueError):
-    """A user-facing input error: names the node, the bad value and the fix."""
-
-    def __init__(self, node: str, message: str):
-        super().__init__(f"[{node}] {message}")
-        self.node = node
-
-
 def comfy_available() -> bool:
     try:
         import comfy.model_management  # noqa: F401

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 
-from ._comfy import NodeInputError, progress_callback
+from ._comfy import progress_callback
+from .helpers import NodeInputError
 
 logger = logging.getLogger(__name__)
 
-NODE_ID = "BFR Degrade (Classical)"
+NODE_ID = "BFR Degrade (Classical)"  # display name; errors name the node as users see it
 
 
 def _preset_names() -> list[str]:
@@ -110,5 +111,5 @@ class BFRDegradeClassical:
         return (out.movedim(1, -1).to(image.dtype), report)
 
 
-NODE_CLASS_MAPPINGS = {NODE_ID: BFRDegradeClassical}
-NODE_DISPLAY_NAME_MAPPINGS = {NODE_ID: "BFR Degrade (Classical)"}
+NODE_CLASS_MAPPINGS = {"BFRDegradeClassical": BFRDegradeClassical}
+NODE_DISPLAY_NAME_MAPPINGS = {"BFRDegradeClassical": NODE_ID}

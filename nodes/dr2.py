@@ -11,10 +11,11 @@ import logging
 import torch
 
 from ..pipelines import ilvr
-from ._comfy import NodeInputError
+from .helpers import NodeInputError, pad_to_multiple, to_rgb
 
 logger = logging.getLogger(__name__)
 
+# display names (the node ids are the class names); errors name the node as users see it
 SAMPLER_ID = "BFR DR2 Sampler"
 SIGMAS_ID = "BFR DR2 Sigmas"
 RESTORE_ID = "BFR DR2 Restore"
@@ -220,23 +221,6 @@ def _model_sigmas(node, model, n, tau, omega_mode, omega, steps) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------- restore node
 
 
-def to_rgb(node: str, image) -> torch.Tensor:
-    """IMAGE (B,H,W,C) -> (B,H,W,3) float in [0,1]: gray replicated, alpha dropped, NaN/inf rejected."""
-    if not isinstance(image, torch.Tensor) or image.ndim != 4:
-        raise NodeInputError(node, f"expected an IMAGE batch (B,H,W,C), got {getattr(image, 'shape', type(image))}.")
-    c = image.shape[-1]
-    if c in (1, 2):
-        image = image[..., :1].expand(*image.shape[:-1], 3)
-    elif c == 4:
-        image = image[..., :3]
-    elif c != 3:
-        raise NodeInputError(node, f"IMAGE has {c} channels; expected 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 "
-                                   "(RGBA).")
-    if not torch.isfinite(image).all():
-        raise NodeInputError(node, "IMAGE contains NaN or inf pixels; fix the source (e.g. a broken upstream node).")
-    return image.float().clamp(0, 1)
-
-
 def prepare_image(node: str, image: torch.Tensor) -> torch.Tensor:
     """:func:`to_rgb`, and tiny sizes rejected (DR2 pads other sizes to a multiple of 8)."""
     image = to_rgb(node, image)
@@ -244,18 +228,6 @@ def prepare_image(node: str, image: torch.Tensor) -> torch.Tensor:
         raise NodeInputError(node, f"IMAGE {image.shape[2]}x{image.shape[1]} is too small; DR2 needs at least "
                                    "16x16 pixels (faces work best at 512x512).")
     return image
-
-
-def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Reflect-pad (B,H,W,C) bottom/right to a multiple of ``multiple``; the output is cropped back later."""
-    import torch.nn.functional as F
-
-    h, w = image.shape[1:3]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        image = F.pad(image.movedim(-1, 1), (0, pw, 0, ph), mode=mode).movedim(1, -1)
-    return image, (h, w)
 
 
 class BFRDR2Restore:
@@ -356,6 +328,5 @@ def _progress(model, total: int, node_id):
         return lambda step, x0, x, _total: progress(step + 1)
 
 
-NODE_CLASS_MAPPINGS = {SAMPLER_ID: BFRDR2Sampler, SIGMAS_ID: BFRDR2Sigmas, RESTORE_ID: BFRDR2Restore}
-NODE_DISPLAY_NAME_MAPPINGS = {SAMPLER_ID: "BFR DR2 Sampler", SIGMAS_ID: "BFR DR2 Sigmas",
-                              RESTORE_ID: "BFR DR2 Restore"}
+NODE_CLASS_MAPPINGS = {"BFRDR2Sampler": BFRDR2Sampler, "BFRDR2Sigmas": BFRDR2Sigmas, "BFRDR2Restore": BFRDR2Restore}
+NODE_DISPLAY_NAME_MAPPINGS = {"BFRDR2Sampler": SAMPLER_ID, "BFRDR2Sigmas": SIGMAS_ID, "BFRDR2Restore": RESTORE_ID}

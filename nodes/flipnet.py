@@ -35,17 +35,18 @@ import torch
 import torch.nn as nn
 
 from ..lora import boosthub as bh
-from ..lora.checkpoint import SD2_CONTEXT_DIM, CheckpointError, build_face_modules, read_flipnet_checkpoint
-from ..lora.face_embedder import append_face_tokens, null_face_tokens, resize_for_face_encoder
-from ._comfy import BFR_FOLDER, NodeInputError, register_model_folder
-from .dr2 import to_rgb
+from ..lora.checkpoint import FLIPNET_MODES, SD2_CONTEXT_DIM, CheckpointError, build_face_modules, read_flipnet_checkpoint
+from ..lora.face_embedder import append_face_tokens, face_tokens
+from ._comfy import BFR_FOLDER, register_model_folder
+from .helpers import NodeInputError, to_rgb
 
 logger = logging.getLogger(__name__)
 
+# display names (the node ids are the class names); errors name the node as users see it
 LOAD_ID = "BFR Load FlipNet"
 APPLY_ID = "BFR Apply FlipNet"
-CATEGORY = "BFR/flipnet"
-MODES = ["restore", "degrade"]
+CATEGORY = "BFR/FlipNet"
+
 T_Y_POLICIES = ["checkpoint", "same", "fixed"]
 WRAPPER_KEY = "bfr_flipnet"
 _JOINT = "bfr_flipnet_joint"  # transformer_options flag: rows in the current UNet call (input + condition)
@@ -523,7 +524,7 @@ class BFRApplyFlipNet:
                                                          "(restore: a caption or empty; degrade: empty)."}),
                 "negative": ("CONDITIONING", {"tooltip": "Negative prompt (restore: 'low quality, blurry, ...'; "
                                                          "degrade: empty)."}),
-                "mode": (MODES, {"default": "restore", "tooltip": "restore: generate HQ from the LQ image; degrade: "
+                "mode": (list(FLIPNET_MODES), {"default": "restore", "tooltip": "restore: generate HQ from the LQ image; degrade: "
                                                                   "generate LQ from the HQ image. Must match the "
                                                                   "checkpoint's mode."}),
                 "phi": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
@@ -550,8 +551,8 @@ class BFRApplyFlipNet:
 
     @classmethod
     def VALIDATE_INPUTS(cls, mode=None, phi=None, t_y_policy=None, t_y=None):
-        if mode is not None and mode not in MODES:
-            return f"[{APPLY_ID}] mode must be one of {MODES} (got {mode!r})."
+        if mode is not None and mode not in FLIPNET_MODES:
+            return f"[{APPLY_ID}] mode must be one of {FLIPNET_MODES} (got {mode!r})."
         if phi is not None and not (isinstance(phi, (int, float)) and 0.0 <= phi <= 2.0):
             return f"[{APPLY_ID}] phi must be in [0, 2] (got {phi!r}); 1 is the paper's default."
         if t_y_policy is not None and t_y_policy not in T_Y_POLICIES:
@@ -633,15 +634,10 @@ class BFRApplyFlipNet:
         device = torch_device()
         enc.to(device)
         ada.to(device)
-        p = next(ada.parameters())
-        size = flipnet.checkpoint.face_image_size or image.shape[2]
-        pixels = resize_for_face_encoder(image.movedim(-1, 1), size).to(device, p.dtype)
-        z = enc(pixels)
-        c_id = ada(z)
-        c_null = null_face_tokens(ada, z.shape[0], z.shape[1])
+        c_id, c_null = face_tokens(enc, ada, image.movedim(-1, 1), flipnet.checkpoint.face_image_size)
         out = intermediate_device()
         return c_id.float().to(out), c_null.float().to(out)
 
 
-NODE_CLASS_MAPPINGS = {LOAD_ID: BFRLoadFlipNet, APPLY_ID: BFRApplyFlipNet}
-NODE_DISPLAY_NAME_MAPPINGS = {LOAD_ID: "BFR Load FlipNet", APPLY_ID: "BFR Apply FlipNet"}
+NODE_CLASS_MAPPINGS = {"BFRLoadFlipNet": BFRLoadFlipNet, "BFRApplyFlipNet": BFRApplyFlipNet}
+NODE_DISPLAY_NAME_MAPPINGS = {"BFRLoadFlipNet": LOAD_ID, "BFRApplyFlipNet": APPLY_ID}

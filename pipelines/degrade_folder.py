@@ -29,7 +29,6 @@ import logging
 import multiprocessing as mp
 import os
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable
@@ -37,12 +36,12 @@ from typing import Callable
 import numpy as np
 
 from .degradation import DegradationConfig, degrade_numpy, get_preset, sample_params
+from .image_io import IMAGE_EXTENSIONS, list_images, read_rgb, save_png
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_EXTENSIONS", "REPORT_NAME", "degrade_folder", "derive_seed", "list_images"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 REPORT_NAME = "params.jsonl"
 HQ_DIR = "hq"
 
@@ -55,36 +54,6 @@ def derive_seed(seed: int, rel_path: str, k: int) -> int:
 
 def config_hash(config: DegradationConfig) -> str:
     return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def list_images(in_dir: Path, exclude: Path | None = None) -> list[Path]:
-    """Image files under ``in_dir`` (recursive, sorted), skipping anything inside ``exclude``."""
-    files = []
-    for p in sorted(in_dir.rglob("*")):
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
-            if exclude is not None and exclude in p.parents:
-                continue
-            files.append(p)
-    return files
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    """uint8 RGB HWC; EXIF orientation applied; alpha dropped; gray replicated; 16-bit scaled to 8-bit."""
-    from PIL import Image, ImageOps
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                scale = 65535.0 if arr.max() > 255 else 255.0
-                gray = np.clip(np.rint(arr / scale * 255.0), 0, 255).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=-1)
-            if im.mode != "RGB":
-                im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
-            arr = np.asarray(im)
-    return np.ascontiguousarray(arr[..., :3])
 
 
 def _resize_hq(img: np.ndarray, size: int) -> np.ndarray:
@@ -100,18 +69,6 @@ def _resize_hq(img: np.ndarray, size: int) -> np.ndarray:
     if (nh, nw) == (h, w):
         return img
     return np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.BICUBIC))
-
-
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    import cv2
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))  # cv2's default level: fastest here
-    if not ok:
-        raise RuntimeError(f"PNG encoding failed for {path}")
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
 
 
 def _pool_context():
@@ -152,21 +109,21 @@ def _process_image(task: dict) -> dict:
     src, rel, out_dir = Path(task["src"]), task["rel"], Path(task["out_dir"])
     result = {"rel": rel, "outputs": [], "error": None, "cpu_seconds": 0.0}
     try:
-        hq = _read_rgb(src)
+        hq = read_rgb(src)
         hq_rel = None
         if task["size"]:
             hq = _resize_hq(hq, task["size"])
             if task["save_hq"]:
                 hq_rel = (Path(HQ_DIR) / Path(rel).with_suffix(".png")).as_posix()
                 if not (out_dir / hq_rel).exists():
-                    _write_png(out_dir / hq_rel, hq)
+                    save_png(out_dir / hq_rel, hq)
         h, w = hq.shape[:2]
         for k in task["ks"]:
             seed = derive_seed(task["seed"], rel, k)
             params = sample_params(task["config"], 1, seed, h, w)[0]
             lq = degrade_numpy(hq, params)
             out_rel = Path(rel).with_name(f"{Path(rel).stem}_{k}.png").as_posix()
-            _write_png(out_dir / out_rel, lq)
+            save_png(out_dir / out_rel, lq)
             result["outputs"].append({"output": out_rel, "input": rel, "hq": hq_rel, "hq_size": [h, w], "k": k,
                                       "seed": seed, "params": params})
     except Exception as exc:  # a bad file must not stop a 70k-image run: reported in the summary
@@ -234,6 +191,20 @@ def _run_pool(tasks: list[dict], n_workers: int, consume: Callable) -> None:
             consume(_process_image(t) for t in remaining.values())
 
 
+def prepare_output_folder(out_dir: Path) -> None:
+    """Create ``out_dir`` (and parents) and check it is a writable folder; the error names the path and the fix."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output {out_dir} is an existing file, not a folder; pass a folder path.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".bfr-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(f"cannot write into the output folder {out_dir} ({exc.strerror or exc}); choose a "
+                              "folder you can write to.") from exc
+
+
 def degrade_folder(in_dir, out_dir, preset="flipnet", per_image=5, seed=0, workers=None, overrides=None, size=None,
                    resume=True, *, save_hq: bool = True,
                    progress: Callable[[int, int], None] | None = None) -> dict:
@@ -252,7 +223,8 @@ def degrade_folder(in_dir, out_dir, preset="flipnet", per_image=5, seed=0, worke
     config = preset if isinstance(preset, DegradationConfig) else get_preset(preset)
     if overrides:
         if not isinstance(overrides, dict):
-            raise TypeError(f"overrides must be a dict of DegradationConfig fields, got {type(overrides).__name__}.")
+            raise ValueError(f"overrides must be a JSON object of DegradationConfig fields, got "
+                             f"{type(overrides).__name__}: {overrides!r}.")
         config = config.with_overrides(**overrides)
     for name, value, lo in (("per_image", per_image, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -264,10 +236,11 @@ def degrade_folder(in_dir, out_dir, preset="flipnet", per_image=5, seed=0, worke
         raise ValueError(f"workers must be a positive integer or None (all cores), got {workers!r}.")
 
     out_resolved = out_dir.resolve()
-    files = list_images(in_dir, exclude=out_resolved if in_dir.resolve() in out_resolved.parents else None)
+    files = list_images(in_dir, "input folder", recursive=True, allow_empty=True,
+                        exclude=out_resolved if in_dir.resolve() in out_resolved.parents else None)
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {in_dir}.")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_folder(out_dir)
     report = out_dir / REPORT_NAME
     chash = config_hash(config)
     if resume:

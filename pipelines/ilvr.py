@@ -2,8 +2,8 @@
 
 DR2 (Wang et al., CVPR 2023, §3.3) starts from the degraded input y diffused to step omega (Eq. 9), denoises with
 any diffusion model, replaces the low-frequency part of every x_{t-1} with that of y_{t-1} (Eq. 10), and stops at
-tau with the x0 prediction (Eq. 11). Phi_N is ILVR's low-pass filter: downsample by N, upsample back, bicubic with
-antialiasing (torch ``antialias=True`` both ways reproduces ILVR's MATLAB-style resizer away from the borders).
+tau with the x0 prediction (Eq. 11). Phi_N is ILVR's low-pass filter: downsample by N, upsample back, exactly ILVR's
+MATLAB-imresize-style resizer (bicubic a=-0.5, antialiased when shrinking, symmetric boundary), borders included.
 
 A noise level is always given by its k-diffusion sigma = sqrt((1 - alpha_bar) / alpha_bar); every function that
 touches x_t takes a ``parameterization``:
@@ -19,6 +19,7 @@ steps = T = 100 over SD's 1000 training steps); level i is training timestep rou
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -27,13 +28,14 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..sd.diffusion import TRAIN_TIMESTEPS
+
 logger = logging.getLogger(__name__)
 
 Parameterization = Literal["ddpm", "sigma"]
 SPACES = ("latent", "pixel")
 OMEGA_RULES = ("auto", "official")
 DR2_STEPS = 100  # DR2's respaced T
-TRAIN_TIMESTEPS = 1000
 VAE_SCALE_FACTOR = 8  # SD VAE: one latent pixel = 8x8 image pixels
 
 # DR2's demo presets (N, tau) at 256 px, pixel space, T = 100 (Kaldwin0106/DR2 demo.py / readme).
@@ -137,21 +139,6 @@ def make_schedule(n: float, tau: int, omega: int | str = "auto", steps: int = DR
     return DR2Schedule(int(tau), omega_i, int(steps), tuple(grid[i] for i in range(omega_i, int(tau) - 1, -1)))
 
 
-def sd_alphas_cumprod(train_timesteps: int = TRAIN_TIMESTEPS, beta_start: float = 0.00085,
-                      beta_end: float = 0.012) -> torch.Tensor:
-    """alpha_bar of SD's scaled-linear schedule (float64)."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, train_timesteps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    return ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
-
-
-def alphas_cumprod_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
-    return 1.0 / (1.0 + sigmas ** 2)
-
-
 def schedule_sigmas(schedule: DR2Schedule, sigma_table: torch.Tensor) -> torch.Tensor:
     """sigma_omega ... sigma_tau from a per-training-timestep table (ComfyUI ``model_sampling.sigmas``)."""
     if sigma_table.shape[0] <= max(schedule.timesteps):
@@ -179,18 +166,57 @@ def scales(sigma, parameterization: Parameterization, like: torch.Tensor) -> tup
     raise DR2ParameterError(f"parameterization must be 'ddpm' or 'sigma' (got {parameterization!r}).")
 
 
+def _keys_cubic(t: torch.Tensor) -> torch.Tensor:
+    """MATLAB's bicubic kernel (Keys, a = -0.5): zero outside |t| <= 2."""
+    a = t.abs()
+    near = (1.5 * a - 2.5) * a * a + 1.0
+    far = ((-0.5 * a + 2.5) * a - 4.0) * a + 2.0
+    return torch.where(a <= 1, near, torch.where(a <= 2, far, torch.zeros_like(a)))
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_matrix(in_len: int, out_len: int, antialias: bool) -> torch.Tensor:
+    """(out_len, in_len) float64 CPU matrix of one axis of ILVR's resizer.py (MATLAB imresize, bicubic).
+
+    Output pixel x (1-based) sits at u = x / s + (1 - 1 / s) / 2 on the input, s = out_len / in_len; it takes
+    ceil(width) + 2 taps from floor(u - width / 2), weighted by the Keys cubic (stretched to s k(s t), width 4 / s,
+    when shrinking with antialiasing) and normalised to sum 1. Taps outside the image are mirrored with MATLAB's
+    symmetric rule (0 -> 1, -1 -> 2, in_len + 1 -> in_len, periodic beyond) and their weights added onto the pixel
+    they land on.
+    """
+    scale = out_len / in_len
+    stretch = antialias and scale < 1
+    width = 4.0 / scale if stretch else 4.0
+    u = torch.arange(1, out_len + 1, dtype=torch.float64) / scale + 0.5 * (1.0 - 1.0 / scale)
+    left = torch.floor(u - width / 2)
+    taps = left[:, None] + torch.arange(math.ceil(width) + 2, dtype=torch.float64)  # 1-based input indices
+    dist = u[:, None] - taps
+    weights = scale * _keys_cubic(scale * dist) if stretch else _keys_cubic(dist)
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    mirror = torch.cat([torch.arange(in_len), torch.arange(in_len - 1, -1, -1)])
+    cols = mirror[(taps.long() - 1).remainder(2 * in_len)]
+    return torch.zeros(out_len, in_len, dtype=torch.float64).scatter_add_(1, cols, weights)
+
+
+@functools.lru_cache(maxsize=64)
+def _lowpass_matrix(length: int, small: int) -> torch.Tensor:
+    """Phi_N along one axis, folded into one (length, length) float64 matrix: up(small -> length) @ down."""
+    return _resize_matrix(small, length, True) @ _resize_matrix(length, small, True)
+
+
 def lowpass(x: torch.Tensor, n: float) -> torch.Tensor:
-    """Phi_N (DR2 Eq. 10, ILVR): bicubic antialiased downsample by N (fractional allowed), upsample back."""
+    """Phi_N (DR2 Eq. 10, ILVR): down by N and up, as MATLAB imresize bicubic (a=-0.5), antialiased, symmetric edges."""
     if n < 1:
         raise DR2ParameterError(f"N must be >= 1 (got {n}).")
     if n == 1:
         return x
+    # ILVR's resizer.py given explicit shapes (small = round(size / N), so fractional N works), folded per axis into
+    # one projection: M_h @ x @ M_w^T over the last two dims, in float32 (float64 for float64 input).
     h, w = x.shape[-2:]
-    small = (max(1, round(h / n)), max(1, round(w / n)))
-    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    down = F.interpolate(work, size=small, mode="bicubic", align_corners=False, antialias=True)
-    up = F.interpolate(down, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-    return up.to(x.dtype)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    m_h = _lowpass_matrix(h, max(1, round(h / n))).to(dtype=work).to(x.device)
+    m_w = _lowpass_matrix(w, max(1, round(w / n))).to(dtype=work).to(x.device)
+    return (m_h @ F.linear(x.to(work), m_w)).to(x.dtype)
 
 
 def diffuse(y: torch.Tensor, noise: torch.Tensor, sigma, parameterization: Parameterization) -> torch.Tensor:

@@ -19,7 +19,7 @@ from comfyui_bfr.lora.boosthub import (
     install_boosthub,
     multihead_attention,
 )
-from test_flipnet_support import fixture_unet
+from fixtures.flipnet import fixture_unet
 
 
 def _reference_attention(q, k, v, heads):
@@ -218,7 +218,7 @@ def test_boosthub_state_dict_round_trip_and_errors(tiny):
 
 def test_comfy_block_keys_for_sd21_base():
     """The 16 SD2.1 self-attention layers map to ComfyUI's (block, id, index) tuples (comfyui-notes §3.3/§4.1)."""
-    from comfyui_bfr.lora.convert import SD21_BASE_UNET_CONFIG
+    from comfyui_bfr.sd.convert import SD21_BASE_UNET_CONFIG
 
     paths = [f"down_blocks.{i}.attentions.{j}.transformer_blocks.0.attn1" for i in range(3) for j in range(2)]
     paths += ["mid_block.attentions.0.transformer_blocks.0.attn1"]

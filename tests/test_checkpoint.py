@@ -18,8 +18,8 @@ from comfyui_bfr.lora import checkpoint as ck
 from comfyui_bfr.lora.boosthub import BoostHubState
 from comfyui_bfr.lora.face_embedder import AdapterConfig, FaceAdapter, FaceAEConfig, FaceAutoencoderPair, LQFaceEncoder
 from comfyui_bfr.lora.lora_targets import kohya_name, lora_target_names
-from comfyui_bfr.lora.train_flipnet import prepare_flipnet_unet
-from test_flipnet_support import build_micro_unet, fixture_unet
+from comfyui_bfr.train.flipnet import prepare_flipnet_unet
+from fixtures.flipnet import build_micro_unet, fixture_unet
 
 TINY_FACE = FaceAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, patch_size=2)
 
@@ -76,7 +76,7 @@ def test_kohya_names_are_what_comfyui_maps_for_sd21():
     every UNet weight (comfyui-notes §4.2); every FlipNet LoRA name must be one of those, on the real SD2.1 layout."""
     from diffusers import UNet2DConditionModel
 
-    from comfyui_bfr.lora.convert import SD21_BASE_UNET_CONFIG
+    from comfyui_bfr.sd.convert import SD21_BASE_UNET_CONFIG
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(dict(SD21_BASE_UNET_CONFIG))
@@ -188,7 +188,7 @@ def test_wrong_base_model_and_format(saved, tmp_path):
     # a UNet that is not SD2.x (context 768) is refused before anything is patched
     from diffusers import UNet2DConditionModel
 
-    from test_flipnet_support import MICRO_UNET_CONFIG
+    from fixtures.flipnet import MICRO_UNET_CONFIG
 
     sd15 = UNet2DConditionModel(**dict(MICRO_UNET_CONFIG, cross_attention_dim=768))
     with pytest.raises(ValueError, match="cross_attention_dim=768"):

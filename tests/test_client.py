@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_bfr import client as cl
+from comfyui_bfr.cli import client as cl
 
 PROMPT = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}, "_meta": {"title": "Load HQ face"}},
@@ -203,7 +203,7 @@ def test_ui_workflow_without_twin_is_converted_with_object_info(tmp_path):
     path.write_text(json.dumps(ui))
     core = json.loads((repo / "tests" / "data" / "core_object_info.json").read_text())
     from comfyui_bfr import NODE_CLASS_MAPPINGS
-    from comfyui_bfr.workflow_format import comparable, schema_from_node_class
+    from comfyui_bfr.cli.workflow_format import comparable, schema_from_node_class
 
     info = dict(core)
     info.update({k: schema_from_node_class(v) for k, v in NODE_CLASS_MAPPINGS.items()})

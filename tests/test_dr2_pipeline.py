@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from comfyui_bfr.pipelines import dr2, ilvr, sd_models
+from comfyui_bfr.pipelines import dr2, ilvr
+from comfyui_bfr.sd import diffusion
+from comfyui_bfr.sd import loader as sd_models
 from fixtures import tiny_sd
 
 FAST = dict(steps=20)  # T=20: omega auto = tau + 5, so a run costs 6 UNet calls
@@ -55,7 +57,7 @@ def test_n1_small_tau_reproduces_the_input_up_to_the_vae_round_trip(tiny, face):
         noise = ilvr.DR2Noise(cfg.seed, y.shape)
         for _ in range(2):  # two transitions omega=2 -> 1 -> 0; the last eps diffuses y to tau
             _z, eps = noise.step(y)
-        sigma0 = float(ilvr.sigmas_from_alphas_cumprod(ilvr.sd_alphas_cumprod())[0])
+        sigma0 = float(diffusion.sigmas_from_alphas_cumprod(diffusion.sd_alphas_cumprod())[0])
         y_tau = ilvr.diffuse(y, eps, sigma0, "ddpm")
         torch.testing.assert_close(out.x_tau, y_tau)
         eps_theta = tiny.unet(y_tau, torch.tensor([0]), encoder_hidden_states=torch.zeros(1, 77, 1024)).sample
@@ -161,7 +163,7 @@ def test_diffusers_folder_loads_offline(tiny, tmp_path, monkeypatch):
     tiny_sd.build_tiny_scheduler().save_pretrained(tmp_path / "scheduler")
     loaded = sd_models.load_sd(tmp_path)
     torch.testing.assert_close(_unet_out(loaded), _unet_out(tiny))
-    torch.testing.assert_close(loaded.alphas_cumprod, ilvr.sd_alphas_cumprod())
+    torch.testing.assert_close(loaded.alphas_cumprod, diffusion.sd_alphas_cumprod())
     assert type(loaded.vae).__name__ == "AutoencoderTiny" and loaded.vae_scale_factor == 8
     with pytest.raises(sd_models.ModelNotFoundError, match="unet/config.json"):
         sd_models.load_sd(tmp_path / "unet")

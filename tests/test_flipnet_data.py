@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from comfyui_bfr.lora import data
-from comfyui_bfr.lora.data import DatasetError
-from test_flipnet_support import stub_degrade, write_faces
+from comfyui_bfr.train import data
+from comfyui_bfr.train.data import DatasetError
+from fixtures.flipnet import stub_degrade, write_faces
 
 
 def test_face_folder_items_captions_and_offshelf_mix(tmp_path):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from comfyui_bfr.lora import checkpoint as ck
 from comfyui_bfr.lora.face_embedder import AdapterConfig, FaceAdapter, FaceAEConfig, FaceAutoencoderPair, LQFaceEncoder
-from comfyui_bfr.lora.train_flipnet import prepare_flipnet_unet
+from comfyui_bfr.train.flipnet import prepare_flipnet_unet
 from comfyui_bfr.pipelines.flipnet import (
     FlipNetPipeline,
     FlipNetSampleConfig,
@@ -20,7 +20,7 @@ from comfyui_bfr.pipelines.flipnet import (
     synthesis_jobs,
     synthesize_degraded,
 )
-from test_flipnet_support import build_micro_unet, micro_components, write_faces
+from fixtures.flipnet import build_micro_unet, micro_components, write_faces
 
 TINY_FACE = FaceAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, patch_size=2)
 
@@ -143,7 +143,7 @@ def test_restore_folder_writes_one_png_per_input(restore_pipe, tmp_path):
 def test_module_cli_loads_a_diffusers_base_folder(tmp_path):
     """``python -m comfyui_bfr.pipelines.flipnet restore|synthesize`` with a real base folder and checkpoint files."""
     from comfyui_bfr.pipelines.flipnet import main
-    from test_flipnet_support import write_micro_folder
+    from fixtures.flipnet import write_micro_folder
 
     base = write_micro_folder(tmp_path / "base")
     restore_ckpt = _checkpoint(tmp_path / "r.safetensors", "restore")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from test_flipnet_pipeline import _checkpoint
-from test_flipnet_support import write_faces, write_micro_folder
+from fixtures.flipnet import write_faces, write_micro_folder
 
 
 def _run(args, tmp_path, nproc):

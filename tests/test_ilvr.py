@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from comfyui_bfr.pipelines import ilvr
+from comfyui_bfr.sd import diffusion
 
 
 
@@ -83,7 +84,7 @@ def make_denoiser(prior: GaussianPriorDenoiser, parameterization):
 
 def run_dr2(y, n, tau, omega="auto", seed=0, parameterization="ddpm", steps=100, refiner=None, callback=None):
     schedule = ilvr.make_schedule(n, tau, omega, steps)
-    sigmas = ilvr.sigmas_from_alphas_cumprod(ilvr.sd_alphas_cumprod())[list(schedule.timesteps)]
+    sigmas = diffusion.sigmas_from_alphas_cumprod(diffusion.sd_alphas_cumprod())[list(schedule.timesteps)]
     noise = ilvr.DR2Noise(seed, y.shape)
     refiner = refiner or ilvr.LatentRefiner(y, n, parameterization)
     denoise = make_denoiser(GaussianPriorDenoiser(y.shape, reference=y), parameterization)
@@ -137,9 +138,9 @@ def test_refine_is_eq10():
 
 
 def test_ddpm_and_sigma_forms_agree():
-    ab = ilvr.sd_alphas_cumprod()
-    sig = ilvr.sigmas_from_alphas_cumprod(ab)
-    torch.testing.assert_close(ilvr.alphas_cumprod_from_sigmas(sig), ab)
+    ab = diffusion.sd_alphas_cumprod()
+    sig = diffusion.sigmas_from_alphas_cumprod(ab)
+    torch.testing.assert_close(diffusion.alphas_cumprod_from_sigmas(sig), ab)
     t, t_next = 474, 464
     s, s_next = float(sig[t]), float(sig[t_next])
     y, eps, x0, z = (torch.randn(1, 4, 8, 8, dtype=torch.float64) for _ in range(4))
@@ -158,8 +159,8 @@ def test_ddpm_and_sigma_forms_agree():
 
 def test_ancestral_step_is_the_ddpm_posterior():
     """Mean and std of x_{t-1} match q(x_{t-1} | x_t, x0) of the respaced chain (DDPM Eq. 6-7)."""
-    ab = ilvr.sd_alphas_cumprod()
-    sig = ilvr.sigmas_from_alphas_cumprod(ab)
+    ab = diffusion.sd_alphas_cumprod()
+    sig = diffusion.sigmas_from_alphas_cumprod(ab)
     t, tp = 353, 343
     a_t, a_p = ab[t], ab[tp]
     beta = 1 - a_t / a_p
@@ -246,7 +247,7 @@ def test_model_evaluations_and_callbacks():
         return torch.zeros_like(x)
 
     sched = ilvr.make_schedule(2, 10, 14)
-    sigmas = ilvr.sigmas_from_alphas_cumprod(ilvr.sd_alphas_cumprod())[list(sched.timesteps)]
+    sigmas = diffusion.sigmas_from_alphas_cumprod(diffusion.sd_alphas_cumprod())[list(sched.timesteps)]
     out = ilvr.dr2_sample(denoise, y, sigmas, ilvr.DR2Noise(0, y.shape), ilvr.LatentRefiner(y, 2, "sigma"),
                           "sigma", callback=lambda i, x, x0: seen.append(i))
     assert [i for i, _ in calls] == [0, 1, 2, 3, 4]  # omega..tau inclusive: one more evaluation at tau
@@ -336,7 +337,7 @@ def test_pixel_refiner_split_equals_eq10_with_an_identity_codec(astronaut):
 
 
 def test_eps_from_v_inverts_the_v_definition():
-    sig = float(ilvr.sigmas_from_alphas_cumprod(ilvr.sd_alphas_cumprod())[500])
+    sig = float(diffusion.sigmas_from_alphas_cumprod(diffusion.sd_alphas_cumprod())[500])
     x0, eps = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(1, 4, 8, 8, dtype=torch.float64)
     a, b = ilvr.scales(sig, "ddpm", x0)
     v = a * eps - b * x0

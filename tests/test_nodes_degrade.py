@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_bfr.nodes._comfy import NodeInputError
+from comfyui_bfr.nodes.helpers import NodeInputError
 from comfyui_bfr.nodes.degrade import BFRDegradeClassical
 from comfyui_bfr.pipelines import degradation
 from comfyui_bfr.pipelines.sample_data import sample_face

@@ -63,7 +63,7 @@ def test_init_is_registration_only():
 @pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
 def test_node_metadata(node_id):
     cls = NODE_CLASS_MAPPINGS[node_id]
-    assert node_id.startswith("BFR "), "node ids are prefixed 'BFR'"
+    assert node_id.startswith("BFR") and node_id.isidentifier(), "node ids are stable PascalCase, prefixed BFR"
     assert node_id in NODE_DISPLAY_NAME_MAPPINGS
     assert cls.CATEGORY.startswith("BFR/")
     assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40

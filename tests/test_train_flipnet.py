@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors import safe_open
 
 from comfyui_bfr.lora import checkpoint as ck
-from comfyui_bfr.lora.train_face_ae import FaceAETrainConfig, train_face_ae
-from comfyui_bfr.lora.train_flipnet import FlipNetTrainConfig, list_checkpoints, train_flipnet
-from test_flipnet_support import micro_components, write_faces, write_micro_folder
+from comfyui_bfr.train.face_ae import FaceAETrainConfig, train_face_ae
+from comfyui_bfr.train.flipnet import FlipNetTrainConfig, list_checkpoints, train_flipnet
+from fixtures.flipnet import micro_components, write_faces, write_micro_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_AE = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, patch_size=2)
@@ -107,7 +107,7 @@ def test_two_process_cpu_training_writes_the_same_format(faces, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           "-m", "comfyui_bfr.lora.train_flipnet", "--mode", "degrade", "--base-model", str(base),
+           "-m", "comfyui_bfr.train.flipnet", "--mode", "degrade", "--base-model", str(base),
            "--output-dir", str(out), "--paired-dirs", str(lol), "--hq-dir", str(faces / "hq"),
            "--resolution", "64", "--train-batch-size", "1", "--max-train-steps", "2", "--lora-rank", "4",
            "--checkpointing-steps", "2", "--validation-steps", "0", "--dataloader-num-workers", "0"]
@@ -150,7 +150,7 @@ def test_config_errors_name_the_flag_and_the_fix(tmp_path):
 
 def test_training_on_an_empty_folder_fails_clearly(tmp_path):
     (tmp_path / "hq").mkdir()
-    from comfyui_bfr.lora.data import DatasetError
+    from comfyui_bfr.train.data import DatasetError
 
     with pytest.raises(DatasetError, match="holds no images"):
         train_flipnet(FlipNetTrainConfig(mode="degrade", output_dir=str(tmp_path / "o"), hq_dir=str(tmp_path / "hq"),
@@ -160,8 +160,8 @@ def test_training_on_an_empty_folder_fails_clearly(tmp_path):
 def test_argparse_wiring_round_trips_the_config():
     import argparse
 
-    from comfyui_bfr.lora import train_face_ae as tfa
-    from comfyui_bfr.lora import train_flipnet as tfl
+    from comfyui_bfr.train import face_ae as tfa
+    from comfyui_bfr.train import flipnet as tfl
 
     p = argparse.ArgumentParser()
     tfl.add_arguments(p)

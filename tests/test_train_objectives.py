@@ -11,14 +11,14 @@ import torch
 
 from comfyui_bfr.lora.face_embedder import FaceAutoencoderPair, LQFaceEncoder
 from comfyui_bfr.lora.losses import VGGPerceptualLoss
-from comfyui_bfr.lora.train_face_ae import (
+from comfyui_bfr.train.face_ae import (
     DiscriminatorPair,
     FaceAETrainConfig,
     FaceAETrainModule,
     face_ae_discriminator_loss,
     face_ae_generator_loss,
 )
-from comfyui_bfr.lora.train_flipnet import (
+from comfyui_bfr.train.flipnet import (
     FlipNetTrainConfig,
     FlipNetTrainModule,
     FrozenParts,
@@ -27,7 +27,7 @@ from comfyui_bfr.lora.train_flipnet import (
     prepare_flipnet_unet,
 )
 from comfyui_bfr.lora.face_embedder import AdapterConfig, FaceAdapter
-from test_flipnet_support import micro_components, stub_degrade
+from fixtures.flipnet import micro_components, stub_degrade
 
 logger = logging.getLogger(__name__)
 FIGURES: dict[str, tuple[float, float]] = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from comfyui_bfr import NODE_CLASS_MAPPINGS
-from comfyui_bfr.workflow_format import (WorkflowFormatError, comparable, is_ui_format, schema_from_node_class,
+from comfyui_bfr.cli.workflow_format import (WorkflowFormatError, comparable, is_ui_format, schema_from_node_class,
                                          ui_to_api)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_api_workflows_only_use_declared_inputs():
 
 def test_converter_rejects_a_stale_widget_list():
     ui = json.loads((ROOT / "workflows" / "degrade_classical.json").read_text())
-    node = next(n for n in ui["nodes"] if n["type"] == "BFR Degrade (Classical)")
+    node = next(n for n in ui["nodes"] if n["type"] == "BFRDegradeClassical")
     node["widgets_values"] = node["widgets_values"][:-2]
     with pytest.raises(WorkflowFormatError, match="widget values"):
         ui_to_api(ui, object_info())

@@ -80,7 +80,7 @@ class ComfyServer:
         return self.base / "output"
 
     def client(self, **kw):
-        from comfyui_bfr.client import ComfyClient
+        from comfyui_bfr.cli.client import ComfyClient
 
         return ComfyClient(self.url, **kw)
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from comfyui_bfr.nodes import dr2 as dr2_nodes
-from comfyui_bfr.nodes._comfy import NodeInputError
-from comfyui_bfr.pipelines import dr2, sd_models
+from comfyui_bfr.nodes.helpers import NodeInputError
+from comfyui_bfr.pipelines import dr2
+from comfyui_bfr.sd import loader as sd_models
 from fixtures import tiny_sd
 
 pytestmark = pytest.mark.comfy

@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 
 from comfyui_bfr.lora import checkpoint as ck
 from comfyui_bfr.lora.face_embedder import AdapterConfig, FaceAdapter, FaceAEConfig, FaceAutoencoderPair, LQFaceEncoder
-from comfyui_bfr.lora.losses import q_sample
-from comfyui_bfr.lora.train_flipnet import prepare_flipnet_unet
+from comfyui_bfr.sd.diffusion import q_sample
+from comfyui_bfr.train.flipnet import prepare_flipnet_unet
 from comfyui_bfr.nodes import flipnet as fn
-from comfyui_bfr.nodes._comfy import NodeInputError
+from comfyui_bfr.nodes.helpers import NodeInputError
 from comfyui_bfr.pipelines.flipnet import FlipNetPipeline
 from fixtures import tiny_sd
 
@@ -425,4 +425,4 @@ def test_validate_inputs():
         for name, spec in cls.INPUT_TYPES()["required"].items():
             assert spec[1].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
         assert cls.DESCRIPTION and len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
-    assert set(fn.NODE_CLASS_MAPPINGS) == {"BFR Load FlipNet", "BFR Apply FlipNet"}
+    assert set(fn.NODE_CLASS_MAPPINGS) == {"BFRLoadFlipNet", "BFRApplyFlipNet"}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from comfyui_bfr import NODE_CLASS_MAPPINGS
-from comfyui_bfr.client import ComfyClient, apply_overrides, load_api_prompt, set_load_images
+from comfyui_bfr.cli.client import ComfyClient, apply_overrides, load_api_prompt, set_load_images
 
 pytestmark = pytest.mark.comfy
 
@@ -151,7 +151,7 @@ def test_tiny_checkpoint_runs_core_sampling_graph(comfy_server, test_image, tmp_
 
 
 def test_rejected_prompt_raises_with_node_errors(comfy_server):
-    from comfyui_bfr.client import PromptRejected
+    from comfyui_bfr.cli.client import PromptRejected
 
     prompt = _core_graph("no_such_checkpoint.safetensors", "no_such_image.png")
     with ComfyClient(comfy_server.url) as client, pytest.raises(PromptRejected) as info:
@@ -162,7 +162,7 @@ def test_rejected_prompt_raises_with_node_errors(comfy_server):
 
 def test_failed_prompt_raises_with_exception_message(comfy_server, test_image):
     """A runtime error (SaveImage refuses to write outside the output folder) comes back from /history."""
-    from comfyui_bfr.client import PromptFailed
+    from comfyui_bfr.cli.client import PromptFailed
 
     prompt = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}},

@@ -4,7 +4,7 @@ Used by ``bfr run-workflow`` and by the integration tests. Standard library + ``
 ``websocket-client`` package is installed, progress comes from the ``/ws`` stream, otherwise from polling
 ``/queue`` and ``/history`` (completion is always confirmed through ``/history``).
 
-    from comfyui_bfr.client import ComfyClient, apply_overrides
+    from comfyui_bfr.cli.client import ComfyClient, apply_overrides
     c = ComfyClient("http://127.0.0.1:8188")
     name = c.upload_image("face.png")
     prompt = apply_overrides(prompt, ["Load HQ face.image=" + name, "2.seed=7"])
@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable
 from urllib.parse import urlencode, urlparse
 
 import requests
+
+from .workflow_format import WorkflowFormatError, ui_to_api
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +80,6 @@ class PromptFailed(ComfyError):
 
 class PromptTimeout(ComfyError):
     """The prompt did not finish in time (it may still be running on the server: see ``ComfyClient.interrupt``)."""
-
-
-class WorkflowFormatError(ValueError):
-    """The workflow file is not something ``/prompt`` accepts (and no API twin was found)."""
 
 
 def _websocket_module():
@@ -409,8 +407,6 @@ def load_api_prompt(workflow_path, object_info: Callable[[], dict] | None = None
                 return twin_data, twin
             raise WorkflowFormatError(f"{twin} exists but is not an API-format prompt")
         if object_info is not None:
-            from .workflow_format import ui_to_api
-
             try:
                 prompt = ui_to_api(data, object_info())
             except ValueError as exc:

@@ -12,7 +12,6 @@ recon stage, as in the paper. Output: ``face_ae_<stage>.safetensors`` (``lora/ch
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -23,8 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .face_embedder import FaceAEConfig, FaceAutoencoderPair
-from .losses import (
+from ..lora.checkpoint import load_face_ae_checkpoint, save_face_ae_checkpoint
+from ..lora.face_embedder import FaceAEConfig, FaceAutoencoderPair, patchify_latent
+from ..lora.losses import (
     PatchDiscriminator,
     VGGPerceptualLoss,
     association_loss,
@@ -34,12 +34,10 @@ from .losses import (
     reconstruction_loss,
     symmetric_patch_ce,
 )
-from .train_flipnet import (
+from .data import DegradationBatchConfig, FaceFolderDataset, fill_lq_on_the_fly
+from .core import (
     MIXED_PRECISION,
-    add_dataclass_arguments,
     collate,
-    dataclass_from_namespace,
-    list_checkpoints,
     prune_checkpoints,
     resolve_resume,
     save_image_grid,
@@ -194,7 +192,6 @@ def face_ae_generator_loss(outputs, hq: torch.Tensor, lq: torch.Tensor, disc: nn
                            perceptual: nn.Module | None, cfg: FaceAETrainConfig, adversarial: bool,
                            patch_size: int) -> tuple[torch.Tensor, dict[str, float]]:
     """L_ae for both autoencoders (recon) or L_asso (assoc stage)."""
-    from .face_embedder import patchify_latent
 
     x_hat, y_hat, z_x, z_y = outputs
     logs: dict[str, float] = {}
@@ -226,7 +223,6 @@ def face_ae_discriminator_loss(disc: nn.Module, hq, lq, x_hat, y_hat) -> torch.T
 
 
 def _init_pair(cfg: FaceAETrainConfig) -> FaceAutoencoderPair:
-    from .checkpoint import load_face_ae_checkpoint
 
     if cfg.init_from:
         pair, meta = load_face_ae_checkpoint(cfg.init_from)
@@ -258,8 +254,6 @@ def train_face_ae(cfg: FaceAETrainConfig) -> Path:
     from accelerate.utils import ProjectConfiguration, set_seed
     from torch.utils.data import DataLoader
 
-    from .checkpoint import save_face_ae_checkpoint
-    from .data import DegradationBatchConfig, FaceFolderDataset, fill_lq_on_the_fly
 
     cfg.validate()
     if not cfg.output_dir:
@@ -371,7 +365,6 @@ def train_face_ae(cfg: FaceAETrainConfig) -> Path:
 @torch.no_grad()
 def _validate(cfg, pair: FaceAutoencoderPair, val_batch: dict, degradation, device, step: int) -> Path:
     """Rows of [HQ | HQ recon | LQ | LQ recon]."""
-    from .data import fill_lq_on_the_fly
 
     was = pair.training
     pair.eval()
@@ -386,30 +379,3 @@ def _validate(cfg, pair: FaceAutoencoderPair, val_batch: dict, degradation, devi
     path = Path(cfg.output_dir) / "validation" / f"{cfg.stage}_step_{step:07d}.png"
     save_image_grid([[a, b, c, d] for a, b, c, d in zip(hq, x_hat, lq, y_hat)], path)
     return path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``bfr train face-ae`` (one per FaceAETrainConfig field)."""
-    add_dataclass_arguments(parser, FaceAETrainConfig)
-
-
-def main_from_args(ns: argparse.Namespace) -> int:
-    """Entry point for ``bfr train face-ae``."""
-    cfg = dataclass_from_namespace(FaceAETrainConfig, ns)
-    path = train_face_ae(cfg)
-    logger.info("face autoencoders (%s stage): %s", cfg.stage, path)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bfr train face-ae", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return main_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
-__all__ = ["FaceAETrainConfig", "train_face_ae", "add_arguments", "main_from_args", "list_checkpoints"]

@@ -1,6 +1,8 @@
 """The ``bfr`` command line: demo, degrade, restore, train, synthesize, run-workflow.
 
-Each subcommand is a small adapter: parse arguments, call a pipeline function, report. Logging goes to stderr.
+Each subcommand is a small adapter: parse arguments, call a pipeline or trainer, report. Logging goes to stderr.
+Flags mean the same for every method: ``--base-model`` is SD 2.1-base, ``--checkpoint`` is a file this pack
+trained, ``--device`` defaults to ``auto`` (CUDA when present).
 """
 
 from __future__ import annotations
@@ -11,20 +13,25 @@ import logging
 import sys
 from pathlib import Path
 
+from ..pipelines import degradation, dr2
+from ..pipelines.degrade_folder import degrade_folder
+from ..pipelines.image_io import from_uint8, load_image
+from ..pipelines.panel import labelled_panel
+from ..pipelines.sample_data import sample_face
+from ..sd.loader import load_model
+from .args import add_dataclass_arguments, dataclass_from_namespace
+from .client import run_workflow
+from .folders import RestoreConfig, SynthesizeConfig, resolve_device, restore_dr2, restore_flipnet, synthesize_degraded
+
 logger = logging.getLogger("bfr")
+
+COMMANDS = ("demo", "degrade", "restore", "train", "synthesize", "run-workflow")
 
 
 # --------------------------------------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from .pipelines import degradation
-    from .pipelines.panel import labelled_panel
-    from .pipelines.sample_data import load_image, sample_face
-
-    hq = load_image(args.image, size=args.size) if args.image else sample_face(args.size)
-    x = torch.from_numpy(np.ascontiguousarray(hq)).permute(2, 0, 1)[None].float() / 255.0
+    x = (load_image(args.image, args.size) if args.image else from_uint8(sample_face(args.size)))[None]
+    hq = x[0]
     presets = args.presets or list(degradation.PRESETS)
     row: list[tuple[str, object]] = [("input (HQ)", hq)]
     report = {}
@@ -46,9 +53,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.restore == "none":
         return 0
 
-    from .pipelines import dr2, sd_models
-
-    model = sd_models.load_model(args.checkpoint, download=args.download, repo_id=args.repo)
+    model = load_model(args.base_model, download=args.download, repo_id=args.repo, device=resolve_device(args.device))
     restore_presets = args.restore_presets or ["dr2-mild-x4", "dr2-medium-x8", "dr2-severe-x8"]
     degraded = {}
     for name in restore_presets:
@@ -76,6 +81,7 @@ def _add_demo(sub) -> None:
                    help="also restore a few degraded faces with DR2 and write demo_dr2.png (default: dr2)")
     p.add_argument("--restore-presets", nargs="*", help="presets to restore (default: dr2-mild-x4 dr2-medium-x8 "
                                                         "dr2-severe-x8)")
+    p.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1")
     _add_model_args(p)
     _add_dr2_args(p)
     p.set_defaults(func=_cmd_demo)
@@ -83,9 +89,17 @@ def _add_demo(sub) -> None:
 
 # ------------------------------------------------------------------------------------------------------ degrade
 def _cmd_degrade(args: argparse.Namespace) -> int:
-    from .pipelines.degrade_folder import degrade_folder
-
-    overrides = json.loads(args.overrides) if args.overrides else None
+    if args.list_presets:
+        for name, cfg in degradation.PRESETS.items():
+            sys.stdout.write(f"{name}\t{json.dumps(cfg.to_dict())}\n")
+        return 0
+    if not args.in_dir or not args.out_dir:
+        raise ValueError("bfr degrade needs IN_DIR and OUT_DIR (or --list-presets).")
+    try:
+        overrides = json.loads(args.overrides) if args.overrides else None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--overrides is not valid JSON ({exc.msg}): {args.overrides!r}; give an object such as "
+                         "'{\"jpeg_quality\": [30, 60]}'.") from exc
     summary = degrade_folder(args.in_dir, args.out_dir, preset=args.preset, per_image=args.per_image,
                              seed=args.seed, workers=args.workers, overrides=overrides, size=args.size,
                              resume=not args.no_resume)
@@ -95,8 +109,9 @@ def _cmd_degrade(args: argparse.Namespace) -> int:
 
 def _add_degrade(sub) -> None:
     p = sub.add_parser("degrade", help="build LQ training pairs from a folder of HQ faces (resumable, parallel)")
-    p.add_argument("in_dir", help="folder of HQ images")
-    p.add_argument("out_dir", help="output folder for LQ images and params.jsonl")
+    p.add_argument("in_dir", nargs="?", help="folder of HQ images")
+    p.add_argument("out_dir", nargs="?", help="output folder for LQ images and params.jsonl")
+    p.add_argument("--list-presets", action="store_true", help="print every preset with its ranges and exit")
     p.add_argument("--preset", default="flipnet", help="degradation preset (see `bfr degrade --list-presets`)")
     p.add_argument("--per-image", type=int, default=5, help="LQ variants per HQ image (default 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -109,7 +124,7 @@ def _add_degrade(sub) -> None:
 
 # ------------------------------------------------------------------------------------------------------ restore
 def _add_model_args(p) -> None:
-    p.add_argument("--checkpoint", help="SD 2.1-base: a single .safetensors or a diffusers folder "
+    p.add_argument("--base-model", help="SD 2.1-base: a single .safetensors or a diffusers folder "
                                         "(else $BFR_SD21_CHECKPOINT, then ComfyUI's models/checkpoints)")
     p.add_argument("--download", action="store_true", help="allow downloading SD 2.1-base from --repo")
     p.add_argument("--repo", help="repo id for --download (default $BFR_SD21_REPO or a community mirror)")
@@ -130,31 +145,29 @@ def _add_dr2_args(p) -> None:
 
 def _cmd_restore(args: argparse.Namespace) -> int:
     if args.method == "flipnet":
-        from .pipelines import flipnet
-
         args.input, args.out_dir = args.image, args.out
-        return flipnet.restore_main(args)
-    from .pipelines import dr2
-
+        written = restore_flipnet(dataclass_from_namespace(RestoreConfig, args))
+        logger.info("restored %d image(s) into %s", len(written), args.out)
+        return 0
     cfg = dr2.DR2Config(n=args.n, tau=args.tau, omega=args.omega, steps=args.steps, space=args.space,
                         seed=args.seed)
-    out = dr2.restore_file(args.image, args.out, cfg, checkpoint=args.checkpoint, download=args.download,
-                           repo_id=args.repo, size=args.size, device=args.device)
+    out = restore_dr2(args.image, args.out, cfg, base_model=args.base_model, download=args.download,
+                      repo_id=args.repo, size=args.size, device=args.device)
     logger.info("restored -> %s", out)
     return 0
 
 
-def _restore_method(argv: list[str]) -> str:
+def _option_value(argv: list[str], flag: str, default: str) -> str:
     for i, arg in enumerate(argv):
-        if arg == "--method" and i + 1 < len(argv):
+        if arg == flag and i + 1 < len(argv):
             return argv[i + 1]
-        if arg.startswith("--method="):
+        if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
-    return "dr2"
+    return default
 
 
 def _add_restore(sub, argv: list[str]) -> None:
-    method = _restore_method(argv) if _command(argv) == "restore" else "dr2"
+    method = _option_value(argv, "--method", "dr2") if _positionals(argv)[:1] == ["restore"] else "dr2"
     p = sub.add_parser("restore", help="restore a face image (or a folder of them): --method dr2 | flipnet",
                        description="Restore faces. The options depend on --method; see `bfr restore --method "
                                    "flipnet --help` for FlipNet's.")
@@ -163,49 +176,64 @@ def _add_restore(sub, argv: list[str]) -> None:
     p.add_argument("--method", choices=["dr2", "flipnet"], default="dr2", help="restoration method")
     p.set_defaults(func=_cmd_restore)
     if method == "flipnet":
-        from .pipelines import flipnet
-
-        # FlipNet's own flags: --checkpoint (the FlipNet .safetensors), --base-model (SD 2.1), --phi, ...
-        flipnet.add_restore_arguments(p, positionals=False)
+        # --checkpoint (the FlipNet .safetensors), --base-model (SD 2.1), --phi, ..., --device
+        add_dataclass_arguments(p, RestoreConfig, skip=("input", "out_dir"))
         return
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE first (e.g. 512)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1")
     _add_model_args(p)
     _add_dr2_args(p)
 
 
 # ------------------------------------------------------------------------------------------- train, synthesize
+def _train_entry(kind: str):
+    """(config class, train function) of ``bfr train KIND``; imported only when that trainer is selected."""
+    if kind == "face-ae":
+        from ..train import face_ae
+
+        return face_ae.FaceAETrainConfig, face_ae.train_face_ae
+    from ..train import flipnet
+
+    return flipnet.FlipNetTrainConfig, flipnet.train_flipnet
+
+
 def _add_train(sub, argv: list[str]) -> None:
     p = sub.add_parser("train", help="train FlipNet's face autoencoders or FlipNet itself (accelerate)")
     tsub = p.add_subparsers(dest="what", required=True)
-    which = argv[1] if _command(argv) == "train" and len(argv) > 1 else None
-    face = tsub.add_parser("face-ae", help="HQ/LQ face autoencoders: --stage recon, then --stage assoc")
-    flip = tsub.add_parser("flipnet", help="FlipNet LoRA + BoostHub (+ face tokens): --mode restore | degrade")
-    if which == "face-ae":
-        from .lora import train_face_ae
+    positionals = _positionals(argv)
+    which = positionals[1] if positionals[:1] == ["train"] and len(positionals) > 1 else None
+    parsers = {"face-ae": tsub.add_parser("face-ae", help="HQ/LQ face autoencoders: --stage recon, then --stage assoc"),
+               "flipnet": tsub.add_parser("flipnet", help="FlipNet LoRA + BoostHub (+ face tokens): --mode restore | "
+                                                          "degrade")}
+    if which in parsers:
+        config_cls, train = _train_entry(which)
+        add_dataclass_arguments(parsers[which], config_cls)
 
-        train_face_ae.add_arguments(face)
-        face.set_defaults(func=train_face_ae.main_from_args)
-    elif which == "flipnet":
-        from .lora import train_flipnet
+        def run(ns: argparse.Namespace) -> int:
+            path = train(dataclass_from_namespace(config_cls, ns))
+            logger.info("%s checkpoint: %s", which, path)
+            return 0
 
-        train_flipnet.add_arguments(flip)
-        flip.set_defaults(func=train_flipnet.main_from_args)
+        parsers[which].set_defaults(func=run)
 
 
 def _add_synthesize(sub, argv: list[str]) -> None:
     p = sub.add_parser("synthesize", help="off-shelf LQ faces with a degradation-mode FlipNet checkpoint")
-    if _command(argv) == "synthesize":
-        from .pipelines import flipnet
+    p.add_argument("hq_dir", help="folder of aligned HQ faces")
+    p.add_argument("out_dir", help="output folder (<stem>_<k>.png, the off-shelf LQ layout)")
+    add_dataclass_arguments(p, SynthesizeConfig, skip=("hq_dir", "out_dir"))
 
-        flipnet.add_synthesize_arguments(p)
-        p.set_defaults(func=flipnet.synthesize_main)
+    def run(ns: argparse.Namespace) -> int:
+        n = synthesize_degraded(dataclass_from_namespace(SynthesizeConfig, ns))
+        logger.info("wrote %d degraded image(s) into %s", n, ns.out_dir)
+        return 0
+
+    p.set_defaults(func=run)
+
 
 # ------------------------------------------------------------------------------------------------- run-workflow
 def _cmd_run_workflow(args: argparse.Namespace) -> int:
-    from .client import run_workflow
-
     paths = run_workflow(args.server, args.workflow, sets=args.set or [], image=args.image, out_dir=args.out,
                          timeout=args.timeout)
     for p in paths:
@@ -225,13 +253,16 @@ def _add_run_workflow(sub) -> None:
     p.set_defaults(func=_cmd_run_workflow)
 
 
-def _command(argv: list[str]) -> str | None:
-    return next((a for a in argv if not a.startswith("-")), None)
+def _positionals(argv: list[str]) -> list[str]:
+    """The words of ``argv`` that are not options, from the subcommand on (``bfr -v train flipnet ...`` ->
+    ``["train", "flipnet", ...]``); option values are not told apart, which is enough to pick the subparsers."""
+    words = [a for a in argv if not a.startswith("-")]
+    start = next((i for i, w in enumerate(words) if w in COMMANDS), len(words))
+    return words[start:]
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The ``bfr`` parser. Heavy subcommands (train, synthesize, FlipNet restore) import their modules and add
-    their flags only when ``argv`` selects them, so ``bfr --help`` stays fast."""
+    """The ``bfr`` parser. A trainer's module is imported, and its flags added, only when ``argv`` selects it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="bfr", description="Diffusion-based blind face restoration tools.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -252,10 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
-        logger.error("%s", exc)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        # user errors carry the bad value and the fix; -v adds the traceback for bug reports
+        logger.error("%s: %s", type(exc).__name__, exc, exc_info=args.verbose)
         return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -14,84 +14,41 @@ the resumable state; the exported model is one ``.safetensors`` (``lora/checkpoi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
-import re
-import shutil
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .boosthub import BoostHubState, install_boosthub
-from .checkpoint import FlipNetDefaults, check_sd21_unet, save_flipnet_checkpoint
-from .face_embedder import AdapterConfig, FaceAdapter, LQFaceEncoder, append_face_tokens, drop_mask
-from .lora_targets import add_flipnet_lora
-from .losses import (
-    PREDICTION_TYPES,
-    VGGPerceptualLoss,
-    diffusion_target,
-    image_mse,
-    ldm_loss,
-    predict_x0,
-    q_sample,
-    restoration_loss,
+from ..lora.boosthub import BoostHubState, install_boosthub
+from ..lora.checkpoint import (
+    FLIPNET_MODES,
+    FlipNetDefaults,
+    check_sd21_unet,
+    load_face_ae_checkpoint,
+    save_flipnet_checkpoint,
 )
+from ..lora.face_embedder import AdapterConfig, FaceAdapter, LQFaceEncoder, append_face_tokens, drop_mask, encode_face
+from ..lora.lora_targets import add_flipnet_lora
+from ..lora.losses import VGGPerceptualLoss, image_mse, ldm_loss, restoration_loss
+from ..pipelines.flipnet import FlipNetPipeline, FlipNetSampleConfig, joint_batch, mode_streams
+from ..sd.diffusion import PREDICTION_TYPES, diffusion_target, predict_x0, q_sample
+from ..sd.loader import encode_prompts, load_components
+from ..sd.vae import decode as vae_decode
+from ..sd.vae import encode as vae_encode
+from .core import MIXED_PRECISION, _lr_lambda, collate, prune_checkpoints, resolve_resume, save_image_grid, use_cpu
+from .data import DegradationBatchConfig, FaceFolderDataset, PairedFolderDataset, fill_lq_on_the_fly, parse_paired_spec
 
 logger = logging.getLogger(__name__)
 
-MODES = ("restore", "degrade")
-MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Config <-> argparse (shared with train_face_ae)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per dataclass field (``help`` from the field metadata, default from the field)."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        tp = hints[f.name]
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-        optional = type(None) in args
-        if optional:
-            tp = next(a for a in args if a is not type(None))
-            origin, args = typing.get_origin(tp), typing.get_args(tp)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "")
-        if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{help_text} (default: {default})")
-        elif origin in (list, tuple):
-            parser.add_argument(flag, nargs="*", type=args[0] if args else str, default=default,
-                                help=f"{help_text} (default: {default})")
-        else:
-            parser.add_argument(flag, type=tp if tp in (int, float, str) else str, default=default,
-                                help=f"{help_text} (default: {default})")
-
-
-def dataclass_from_namespace(cls, ns: argparse.Namespace, **overrides):
-    """Build (and validate) a config dataclass from parsed arguments."""
-    kwargs = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
-    kwargs.update(overrides)
-    for f in fields(cls):
-        if f.name in kwargs and isinstance(f.default, tuple) and isinstance(kwargs[f.name], list):
-            kwargs[f.name] = tuple(kwargs[f.name])
-    return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -168,8 +125,8 @@ class FlipNetTrainConfig:
         def bad(name, why):
             raise ValueError(f"train flipnet: --{name.replace('_', '-')}={getattr(self, name)!r} {why}")
 
-        if self.mode not in MODES:
-            bad("mode", f"must be one of {MODES}.")
+        if self.mode not in FLIPNET_MODES:
+            bad("mode", f"must be one of {FLIPNET_MODES}.")
         if self.mixed_precision not in MIXED_PRECISION:
             bad("mixed_precision", f"must be one of {MIXED_PRECISION}.")
         if self.t_y_policy not in ("same", "fixed"):
@@ -293,7 +250,6 @@ class FrozenParts:
 
 
 def encode_text(frozen: FrozenParts, captions: list[str]) -> torch.Tensor:
-    from ..pipelines.flipnet import encode_prompts
 
     with torch.no_grad():
         return encode_prompts(frozen.tokenizer, frozen.text_encoder, captions)
@@ -301,7 +257,6 @@ def encode_text(frozen: FrozenParts, captions: list[str]) -> torch.Tensor:
 
 def joint_clean_latents(mode: str, z_hq: torch.Tensor, z_lq: torch.Tensor) -> torch.Tensor:
     """The clean joint batch of one step: restore = cat[z_x, z_y], degrade = cat[z_y, z_x] (the flip, §4.2)."""
-    from ..pipelines.flipnet import joint_batch, mode_streams
 
     return joint_batch(*mode_streams(mode, z_hq, z_lq))
 
@@ -310,7 +265,6 @@ def flipnet_loss(module: nn.Module, frozen: FrozenParts, hq: torch.Tensor, lq: t
                  cfg: FlipNetTrainConfig, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """One FlipNet objective on a batch of images in [0,1]: restore L_r (Eq. 7-8) or degrade L_ldm (§4.2)."""
-    from ..pipelines.flipnet import vae_decode, vae_encode
 
     device = hq.device
     b = hq.shape[0]
@@ -329,12 +283,8 @@ def flipnet_loss(module: nn.Module, frozen: FrozenParts, hq: torch.Tensor, lq: t
     text = encode_text(frozen, captions)
     face_tokens = None
     if cfg.mode == "restore" and frozen.face_encoder is not None:
-        from .face_embedder import resize_for_face_encoder
-
         with torch.no_grad():
-            size = frozen.face_image_size or lq.shape[-1]
-            p = next(frozen.face_encoder.parameters())
-            face_tokens = frozen.face_encoder(resize_for_face_encoder(lq, size).to(p.dtype)).float()
+            face_tokens = encode_face(frozen.face_encoder, lq, frozen.face_image_size).float()
         drop_face = drop_mask(b, cfg.face_drop_prob, generator, device)
         face_tokens = torch.where(drop_face.view(-1, 1, 1), torch.zeros_like(face_tokens), face_tokens)
     model_out = module(z_t.to(text.dtype), t, text, face_tokens).float()
@@ -346,7 +296,7 @@ def flipnet_loss(module: nn.Module, frozen: FrozenParts, hq: torch.Tensor, lq: t
     z0_hat = predict_x0(z_t[:b].float(), model_out[:b], frozen.alphas_cumprod, t[:b], frozen.prediction_type)
     l_mse = l_p = torch.zeros((), device=device)
     if cfg.lambda_mse > 0 or cfg.lambda_perceptual > 0:
-        x0_hat = vae_decode(frozen.vae, z0_hat)
+        x0_hat = vae_decode(frozen.vae, z0_hat, clamp=False)
         if cfg.lambda_mse > 0:
             l_mse = image_mse(hq, x0_hat)
         if cfg.lambda_perceptual > 0 and frozen.perceptual is not None:
@@ -365,7 +315,6 @@ def build_dataset(cfg: FlipNetTrainConfig):
     """Restore: the face folder (+ off-shelf LQ). Degrade: paired real-world folders + faces (on-the-fly LQ)."""
     from torch.utils.data import ConcatDataset
 
-    from .data import FaceFolderDataset, PairedFolderDataset, parse_paired_spec
 
     parts = []
     if cfg.hq_dir:
@@ -382,94 +331,9 @@ def build_dataset(cfg: FlipNetTrainConfig):
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
-def collate(items: list[dict]) -> dict:
-    return {
-        "hq": torch.stack([it["hq"] for it in items]),
-        "lq": torch.stack([it["lq"] for it in items]),
-        "has_lq": torch.tensor([bool(it["has_lq"]) for it in items]),
-        "caption": [it["caption"] for it in items],
-        "name": [it["name"] for it in items],
-    }
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Checkpoint folders
-# --------------------------------------------------------------------------------------------------------------------
-
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _CKPT.match(p.name))]
-    return sorted(found)
-
-
-def resolve_resume(output_dir: str | Path, resume: str | None) -> tuple[Path | None, int]:
-    """(checkpoint folder, global step) to resume from, or (None, 0)."""
-    if resume is None:
-        return None, 0
-    if resume == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            logger.warning("--resume-from-checkpoint latest: no checkpoint-* folder in %s; starting fresh.", output_dir)
-            return None, 0
-        return found[-1][1], found[-1][0]
-    path = Path(resume)
-    m = _CKPT.match(path.name)
-    if not m:
-        raise ValueError(f"Resume folder {str(path)!r} is not named checkpoint-<step>.")
-    return path, int(m.group(1))
-
-
-def prune_checkpoints(output_dir: str | Path, limit: int | None) -> None:
-    if limit is None:
-        return
-    found = list_checkpoints(output_dir)
-    for _, path in found[: max(0, len(found) - limit)]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def use_cpu(force: bool) -> bool:
-    """CPU mode: forced, or no CUDA device while launched as several processes (torchrun / accelerate), so that
-    accelerate sets up a gloo process group instead of silently training independent copies."""
-    import os
-
-    if force:
-        return True
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    return world > 1 and not torch.cuda.is_available()
-
-
-def _lr_lambda(warmup: int):
-    def fn(step: int) -> float:
-        return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
-
-    return fn
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Validation images
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def save_image_grid(rows: list[list[torch.Tensor]], path: Path) -> None:
-    """Rows of (3,H,W) images in [0,1] -> one PNG (PIL)."""
-    from PIL import Image
-
-    tiles = [torch.cat([img.float().clamp(0, 1).cpu() for img in row], dim=2) for row in rows]
-    grid = torch.cat(tiles, dim=1)
-    arr = (grid.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype("uint8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
-
-
 def run_validation(cfg: FlipNetTrainConfig, unet, frozen: FrozenParts, adapter, scheduler, state: BoostHubState,
                    val_batch: dict, step: int) -> Path:
     """Sample with the current weights (CFG 1.5, negative prompt) and save [condition | output | target] rows."""
-    from ..pipelines.flipnet import FlipNetPipeline, FlipNetSampleConfig, mode_streams
 
     was_training = unet.training
     unet.eval()
@@ -497,7 +361,6 @@ def run_validation(cfg: FlipNetTrainConfig, unet, frozen: FrozenParts, adapter, 
 
 
 def _load_face_parts(cfg: FlipNetTrainConfig, cross_dim: int):
-    from .checkpoint import load_face_ae_checkpoint
 
     pair, meta = load_face_ae_checkpoint(cfg.face_ae)
     if meta.get("stage") != "assoc":
@@ -519,7 +382,6 @@ def train_flipnet(cfg: FlipNetTrainConfig, components: dict | None = None) -> Pa
     from safetensors.torch import load_file, save_file
     from torch.utils.data import DataLoader
 
-    from .data import DegradationBatchConfig, fill_lq_on_the_fly
 
     cfg.validate()
     if not cfg.output_dir:
@@ -538,9 +400,8 @@ def train_flipnet(cfg: FlipNetTrainConfig, components: dict | None = None) -> Pa
     device = accelerator.device
 
     if components is None:
-        from ..pipelines.flipnet import load_sd_components
 
-        components = load_sd_components(cfg.base_model, device="cpu", tokenizer=cfg.tokenizer)
+        components = load_components(cfg.base_model, tokenizer=cfg.tokenizer, device="cpu")
     unet, vae, scheduler = components["unet"], components["vae"], components["scheduler"]
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
@@ -691,40 +552,9 @@ def train_flipnet(cfg: FlipNetTrainConfig, components: dict | None = None) -> Pa
 
 def _val_with_lq(val_batch: dict, degradation, seed: int) -> dict:
     """The fixed validation batch with its on-the-fly LQ made once, deterministically."""
-    from .data import fill_lq_on_the_fly
 
     if "_lq_filled" not in val_batch:
         val_batch["lq"] = fill_lq_on_the_fly(val_batch, seed, degradation)
         val_batch["has_lq"] = torch.ones_like(val_batch["has_lq"])
         val_batch["_lq_filled"] = True
     return {k: v for k, v in val_batch.items() if k != "_lq_filled"}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# CLI glue (the lead wires these into `bfr train flipnet`)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``bfr train flipnet`` (one per FlipNetTrainConfig field)."""
-    add_dataclass_arguments(parser, FlipNetTrainConfig)
-
-
-def main_from_args(ns: argparse.Namespace) -> int:
-    """Entry point for ``bfr train flipnet``: build the config from parsed flags, train, log the output path."""
-    cfg = dataclass_from_namespace(FlipNetTrainConfig, ns)
-    path = train_flipnet(cfg)
-    logger.info("FlipNet %s checkpoint: %s", cfg.mode, path)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m comfyui_bfr.lora.train_flipnet ...`` (also usable under ``accelerate launch``)."""
-    parser = argparse.ArgumentParser(prog="bfr train flipnet", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return main_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -23,59 +23,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..pipelines import degradation
+from ..pipelines.image_io import ImageFolderError, list_images, load_image, resize_square
+
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 PAIRED_LAYOUTS = ("auto", "hq-lq", "lol", "dense-haze", "sidd", "realblur")
 
 
-class DatasetError(ValueError):
+class DatasetError(ImageFolderError):
     """A dataset folder or file is missing, empty, unpaired or unreadable; the message names it and the fix."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def list_images(folder: str | Path, what: str = "image folder", recursive: bool = False) -> list[Path]:
-    """Sorted image files of ``folder``; raises if the folder is missing or holds no images."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(f"{what} {str(folder)!r} does not exist or is not a folder.")
-    it = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise DatasetError(f"{what} {str(folder)!r} holds no images ({', '.join(IMAGE_EXTS)}). Point it at the folder "
-                           "that directly contains the images.")
-    return files
-
-
-def load_image(path: str | Path) -> torch.Tensor:
-    """RGB image file -> float tensor (3, H, W) in [0, 1]; corrupt files raise :class:`DatasetError`."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DatasetError(f"Cannot read image {str(path)!r} ({exc}); the file is corrupt or not an image. Delete or "
-                           "replace it.") from exc
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
-
-
-def resize_square(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize (3,H,W) to (3,size,size) with antialiased bicubic (FFHQ 1024 -> 512, §5.1)."""
-    if img.shape[-2:] == (size, size):
-        return img
-    out = torch.nn.functional.interpolate(img[None], size=(size, size), mode="bicubic", antialias=True,
-                                          align_corners=False)
-    return out[0].clamp(0.0, 1.0)
 
 
 def random_crop_pair(a: torch.Tensor, b: torch.Tensor, size: int, rng: random.Random
@@ -384,7 +349,6 @@ class DegradationBatchConfig:
 
 def degrade_on_the_fly(hq: torch.Tensor, seed: int, cfg: DegradationBatchConfig | None = None) -> torch.Tensor:
     """Classical LQ from HQ (Eq. 9, second order, shuffled) via ``pipelines.degradation``; (B,3,H,W) in [0, 1]."""
-    from ..pipelines import degradation
 
     cfg = cfg or DegradationBatchConfig()
     config = degradation.get_preset(cfg.preset)

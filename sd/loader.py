@@ -1,8 +1,8 @@
-"""Find and load Stable Diffusion 2.1 into diffusers modules, offline.
+"""Find and load Stable Diffusion 2.1 into diffusers modules, offline: the one loader every method uses.
 
-Resolution order (:func:`resolve_checkpoint`):
+Resolution order (:func:`resolve_base_model`), the same for DR2, FlipNet, training and the demo:
 
-1. an explicit path (``--checkpoint``): a diffusers folder (``unet/`` + ``vae/``) or a single ``.safetensors``;
+1. an explicit path (CLI ``--base-model``): a diffusers folder (``unet/`` + ``vae/``) or a single ``.safetensors``;
 2. the environment variable ``BFR_SD21_CHECKPOINT``;
 3. the ComfyUI models folder: ``$COMFYUI_PATH/models/checkpoints`` (or ``$BFR_COMFY_MODELS/checkpoints``), first
    file whose name looks like SD 2.1 base (``*2[-_.]1*base*`` / ``v2-1_512*``);
@@ -11,11 +11,12 @@ Resolution order (:func:`resolve_checkpoint`):
 
 With none of those, :func:`load_model` returns a tiny random model and logs loudly that the output is not a real
 restoration. Weights load only through safetensors (or ``torch.load(weights_only=True)`` for ``.bin``); single
-files go through :mod:`..lora.convert` with local SD2.1 configs, so nothing reaches the network unless downloading.
+files go through :mod:`.convert` with local SD2.1 configs, so nothing reaches the network unless downloading.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -25,7 +26,8 @@ from typing import Any
 
 import torch
 
-from . import ilvr
+from . import convert
+from .diffusion import sd_alphas_cumprod
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class SDModel:
 
     unet: Any  # diffusers UNet2DConditionModel
     vae: Any  # diffusers AutoencoderKL or AutoencoderTiny (encode/decode with ``config.scaling_factor``)
-    alphas_cumprod: torch.Tensor = field(default_factory=ilvr.sd_alphas_cumprod)  # float64, per training step
+    alphas_cumprod: torch.Tensor = field(default_factory=sd_alphas_cumprod)  # float64, per training step
     prediction_type: str = "epsilon"  # or "v_prediction"
     source: str = ""
     is_real: bool = True  # False for the tiny random fallback
@@ -103,14 +105,14 @@ def download_snapshot(repo_id: str | None = None, cache_dir: str | Path | None =
             "--checkpoint with a local file/folder") from exc
 
 
-def resolve_checkpoint(checkpoint: str | Path | None = None, *, download: bool = False,
+def resolve_base_model(base_model: str | Path | None = None, *, download: bool = False,
                        repo_id: str | None = None, cache_dir: str | Path | None = None) -> Path | None:
     """Apply the resolution order above; None when nothing is found and downloading was not asked for."""
-    if checkpoint:
-        path = Path(checkpoint).expanduser()
+    if base_model:
+        path = Path(base_model).expanduser()
         if not path.exists():
-            raise ModelNotFoundError(f"--checkpoint {path} does not exist; give a .safetensors file or a diffusers "
-                                     "folder with unet/ and vae/")
+            raise ModelNotFoundError(f"--base-model {path} does not exist; give an SD 2.1-base .safetensors file or "
+                                     "a diffusers folder with unet/ and vae/")
         return path
     env = os.environ.get(ENV_CHECKPOINT)
     if env:
@@ -131,21 +133,17 @@ def resolve_checkpoint(checkpoint: str | Path | None = None, *, download: bool =
 
 
 def _scheduler_settings(folder: Path) -> tuple[torch.Tensor, str]:
-    import json
-
     cfg_path = folder / "scheduler" / "scheduler_config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     if cfg.get("beta_schedule", "scaled_linear") != "scaled_linear" or cfg.get("trained_betas"):
         raise ValueError(f"{cfg_path}: only the scaled_linear schedule of SD 1.x/2.x is supported")
-    ab = ilvr.sd_alphas_cumprod(int(cfg.get("num_train_timesteps", 1000)), float(cfg.get("beta_start", 0.00085)),
+    ab = sd_alphas_cumprod(int(cfg.get("num_train_timesteps", 1000)), float(cfg.get("beta_start", 0.00085)),
                                 float(cfg.get("beta_end", 0.012)))
     return ab, str(cfg.get("prediction_type", "epsilon"))
 
 
 def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32) -> SDModel:
     """UNet + VAE (AutoencoderKL, or AutoencoderTiny under ``vae/`` with its class in the config) from a folder."""
-    import json
-
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 
     for sub in ("unet", "vae"):
@@ -161,9 +159,7 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32) -> S
 
 
 def load_single_file(path: Path, dtype: torch.dtype = torch.float32) -> SDModel:
-    """A ComfyUI/LDM single-file SD 2.x ``.safetensors`` through :mod:`..lora.convert` (local configs, offline)."""
-    from ..lora import convert
-
+    """A ComfyUI/LDM single-file SD 2.x ``.safetensors`` through :mod:`.convert` (local configs, offline)."""
     if path.suffix.lower() not in (".safetensors", ".sft"):
         raise ValueError(f"{path}: only .safetensors single files are loaded (no pickle); convert it first")
     parts = convert.load_single_file_components(path, dtype=dtype, text_encoder=False, vae=True)
@@ -173,7 +169,7 @@ def load_single_file(path: Path, dtype: torch.dtype = torch.float32) -> SDModel:
     pred = "epsilon"
     if _looks_v_prediction(path):
         pred = "v_prediction"
-    return SDModel(unet.eval(), parts["vae"].eval(), ilvr.sd_alphas_cumprod(), pred, source=str(path))
+    return SDModel(unet.eval(), parts["vae"].eval(), sd_alphas_cumprod(), pred, source=str(path))
 
 
 def _looks_v_prediction(path: Path) -> bool:
@@ -195,30 +191,28 @@ def tiny_random_model(seed: int = 0) -> SDModel:
     """A tiny randomly initialised SD-shaped UNet + TAESD-shaped VAE: runs the code path, restores nothing."""
     from diffusers import AutoencoderTiny, UNet2DConditionModel
 
-    from ..lora.convert import SD_LATENT_SCALE, TAESD_CONFIG
-
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=1024, attention_head_dim=2, norm_num_groups=8, use_linear_projection=True)
-    vae = AutoencoderTiny.from_config(dict(TAESD_CONFIG, scaling_factor=SD_LATENT_SCALE))
-    return SDModel(unet.eval(), vae.eval(), ilvr.sd_alphas_cumprod(), "epsilon",
+    vae = AutoencoderTiny.from_config(dict(convert.TAESD_CONFIG, scaling_factor=convert.SD_LATENT_SCALE))
+    return SDModel(unet.eval(), vae.eval(), sd_alphas_cumprod(), "epsilon",
                    source="tiny random model (NOT SD 2.1)", is_real=False)
 
 
 TINY_WARNING = ("\n" + "!" * 100 + "\n"
                 "!!  No SD 2.1 checkpoint found: running a TINY RANDOM model. The output is NOT a real restoration.\n"
-                f"!!  Pass --checkpoint PATH, set {ENV_CHECKPOINT}, put SD 2.1 base in ComfyUI's models/checkpoints\n"
+                f"!!  Pass --base-model PATH, set {ENV_CHECKPOINT}, put SD 2.1 base in ComfyUI's models/checkpoints\n"
                 f"!!  (with {ENV_COMFY_PATH} set), or add --download (repo from --repo / {ENV_REPO}).\n"
                 + "!" * 100)
 
 
-def load_model(checkpoint: str | Path | None = None, *, download: bool = False, repo_id: str | None = None,
+def load_model(base_model: str | Path | None = None, *, download: bool = False, repo_id: str | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                allow_tiny: bool = True) -> SDModel:
-    """Resolve and load SD 2.1; fall back to :func:`tiny_random_model` with a loud warning when allowed."""
-    path = resolve_checkpoint(checkpoint, download=download, repo_id=repo_id)
+    """Resolve and load SD 2.1 (UNet + VAE); fall back to :func:`tiny_random_model` with a loud warning when allowed."""
+    path = resolve_base_model(base_model, download=download, repo_id=repo_id)
     if path is None:
         if not allow_tiny:
             raise ModelNotFoundError(TINY_WARNING.replace("running a TINY RANDOM model", "nothing to run").strip())
@@ -229,3 +223,52 @@ def load_model(checkpoint: str | Path | None = None, *, download: bool = False, 
         return model
     logger.info("loading SD model from %s", path)
     return load_sd(path, dtype, device)
+
+
+def load_components(base_model: str | Path | None = None, *, tokenizer: str | Path | None = None,
+                    download: bool = False, repo_id: str | None = None, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> dict:
+    """UNet, VAE, text encoder, tokenizer and DDPM scheduler of SD2.1-base (what training and FlipNet need),
+    found with the same order as :func:`load_model`. A single file carries no BPE vocabulary, so it needs a CLIP
+    ``tokenizer`` folder (``vocab.json`` + ``merges.txt``)."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = resolve_base_model(base_model, download=download, repo_id=repo_id)
+    if base is None:
+        raise ModelNotFoundError(TINY_WARNING.replace("running a TINY RANDOM model", "nothing to run").strip())
+    if base.is_dir():
+        missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (base / d).is_dir()]
+        if missing:
+            raise ModelNotFoundError(f"Base model folder {str(base)!r} lacks {missing}; expected a diffusers "
+                                     "StableDiffusionPipeline folder (save_pretrained layout) of SD2.1-base.")
+        vae_cfg = (base / "vae" / "config.json").read_text()
+        vae_cls = AutoencoderTiny if "AutoencoderTiny" in vae_cfg else AutoencoderKL
+        comps = {
+            "unet": UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=dtype),
+            "vae": vae_cls.from_pretrained(base / "vae", torch_dtype=dtype),
+            "text_encoder": CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=dtype),
+            "tokenizer": CLIPTokenizer.from_pretrained(tokenizer or base / "tokenizer"),
+            "scheduler": DDPMScheduler.from_pretrained(base / "scheduler"),
+        }
+    else:
+        if tokenizer is None or not Path(tokenizer).is_dir():
+            raise ModelNotFoundError(
+                f"Single-file base model {str(base)!r} needs a CLIP tokenizer folder (vocab.json + merges.txt), got "
+                f"--tokenizer {tokenizer!r}. Pass --tokenizer PATH (e.g. the tokenizer/ folder of any SD2.x "
+                "diffusers model).")
+        loaded = convert.load_single_file_components(base, dtype=dtype)
+        if loaded.get("vae") is None or loaded.get("text_encoder") is None:
+            raise ValueError(f"Single-file base model {str(base)!r} lacks a VAE or text encoder; it needs both.")
+        comps = {k: loaded[k] for k in ("unet", "vae", "text_encoder", "scheduler")}
+        comps["tokenizer"] = CLIPTokenizer.from_pretrained(tokenizer)
+    for name in ("unet", "vae", "text_encoder"):
+        comps[name].to(device).requires_grad_(False).eval()
+    return comps
+
+
+def encode_prompts(tokenizer, text_encoder, prompts) -> torch.Tensor:
+    """Prompts -> text context (B, 77, 1024) from the SD2.1 text encoder's output hidden states."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0]

@@ -1,0 +1,7 @@
+"""``python -m comfyui_bfr.cli ...`` (the ``bfr`` command; usable under ``accelerate launch -m`` and torchrun)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

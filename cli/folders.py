@@ -1,0 +1,201 @@
+"""Folder-level entry points of the ``bfr`` command: read images, call a pipeline, write images.
+
+``bfr restore --method dr2|flipnet`` (:func:`restore_dr2`, :func:`restore_flipnet`) and ``bfr synthesize --mode
+degrade`` (:func:`synthesize_degraded`, sharded across ``accelerate launch`` / torchrun processes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from ..pipelines import dr2
+from ..pipelines.flipnet import FlipNetPipeline, FlipNetSampleConfig
+from ..pipelines.image_io import IMAGE_EXTENSIONS, is_image_file, list_images, load_image, save_png
+from ..sd.loader import SDModel, load_model
+from ..train.core import use_cpu
+
+logger = logging.getLogger(__name__)
+
+def _h(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class RestoreConfig:
+    """``bfr restore --method flipnet INPUT OUT_DIR``: restore aligned face crops with a restore-mode checkpoint."""
+
+    input: str = _h("an aligned LQ face image or a folder of them", "")
+    out_dir: str = _h("output folder (<stem>.png per input)", "")
+    checkpoint: str = _h("restore-mode FlipNet .safetensors (models/bfr/)", "")
+    base_model: str | None = _h("SD2.1-base: diffusers folder or single-file .safetensors (default: "
+                                "$BFR_SD21_CHECKPOINT, then ComfyUI's models/checkpoints)", None)
+    tokenizer: str | None = _h("CLIP tokenizer folder (needed with a single-file base model)", None)
+    size: int = _h("working resolution in px (inputs are resized to it)", 512)
+    batch_size: int = _h("images per sampling batch", 1)
+    num_inference_steps: int = _h("DDIM steps", 50)
+    guidance_scale: float = _h("classifier-free guidance scale (paper 1.5)", 1.5)
+    prompt: str = _h("text prompt", "")
+    negative_prompt: str | None = _h("negative prompt (default: 'low quality, blurry, ...')", None)
+    phi: float | None = _h("BoostHub enhance weight (default: the checkpoint's, paper 1; range [0, 2])", None)
+    t_y_policy: str | None = _h("condition timestep policy: same | fixed (default: the checkpoint's)", None)
+    t_y: int | None = _h("condition timestep for the fixed policy (default: the checkpoint's)", None)
+    seed: int = _h("seed (image i uses seed + i)", 0)
+    device: str = _h("auto | cpu | cuda | cuda:N", "auto")
+
+    def validate(self) -> None:
+        for name in ("input", "out_dir", "checkpoint"):
+            if not getattr(self, name):
+                raise ValueError(f"restore: --{name.replace('_', '-')} is required.")
+        if self.size % 8 or self.size < 64:
+            raise ValueError(f"restore: --size must be a multiple of 8 and >= 64, got {self.size}.")
+        if self.batch_size < 1:
+            raise ValueError(f"restore: --batch-size must be >= 1, got {self.batch_size}.")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def restore_flipnet(cfg: RestoreConfig, pipeline: FlipNetPipeline | None = None) -> list[Path]:
+    """``bfr restore --method flipnet``: every image of ``cfg.input`` (file or folder) -> ``cfg.out_dir/<stem>.png``."""
+    cfg.validate()
+    src = Path(cfg.input)
+    files = [src] if src.is_file() else list_images(src, "restore input folder")
+    pipe = pipeline or FlipNetPipeline.from_checkpoint(cfg.base_model, cfg.checkpoint, device=resolve_device(cfg.device),
+                                                       tokenizer=cfg.tokenizer)
+    sample = FlipNetSampleConfig(mode="restore", num_inference_steps=cfg.num_inference_steps,
+                                 guidance_scale=cfg.guidance_scale, prompt=cfg.prompt,
+                                 negative_prompt=cfg.negative_prompt, phi=cfg.phi, t_y_policy=cfg.t_y_policy,
+                                 t_y=cfg.t_y, seed=cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    written = []
+    for start in range(0, len(files), cfg.batch_size):
+        chunk = files[start:start + cfg.batch_size]
+        batch = torch.stack([load_image(p, cfg.size) for p in chunk])
+        restored = pipe(batch, sample)
+        for p, img in zip(chunk, restored):
+            save_png(out_dir / f"{p.stem}.png", img)
+            written.append(out_dir / f"{p.stem}.png")
+        logger.info("restored %d/%d", min(start + cfg.batch_size, len(files)), len(files))
+    return written
+
+
+@dataclass
+class SynthesizeConfig:
+    """``bfr synthesize --mode degrade HQ_DIR OUT_DIR --per-image 5``: off-shelf LQ with a degrade-mode checkpoint.
+
+    Writes ``OUT_DIR/<stem>_<k>.png`` (k = 0..per_image-1), the layout ``lora.data`` reads as an off-shelf folder.
+    Existing outputs are skipped (resumable). Launch with ``accelerate launch`` to shard over processes.
+    """
+
+    hq_dir: str = _h("folder of aligned HQ faces", "")
+    out_dir: str = _h("output folder (<stem>_<k>.png)", "")
+    checkpoint: str = _h("degrade-mode FlipNet .safetensors", "")
+    base_model: str | None = _h("SD2.1-base: diffusers folder or single-file .safetensors (default: "
+                                "$BFR_SD21_CHECKPOINT, then ComfyUI's models/checkpoints)", None)
+    tokenizer: str | None = _h("CLIP tokenizer folder (needed with a single-file base model)", None)
+    mode: str = _h("only 'degrade' (FlipNet degradation mode)", "degrade")
+    per_image: int = _h("degraded variants per HQ face (paper 5)", 5)
+    size: int = _h("working resolution in px", 512)
+    batch_size: int = _h("images per sampling batch", 4)
+    num_inference_steps: int = _h("DDIM steps", 50)
+    guidance_scale: float = _h("CFG scale (no effect with the default null prompt)", 1.5)
+    prompt: str = _h("text prompt (paper: null prompt in degradation mode)", "")
+    t_y_policy: str | None = _h("condition timestep policy: same | fixed (default: the checkpoint's)", None)
+    t_y: int | None = _h("condition timestep for the fixed policy", None)
+    seed: int = _h("base seed; variant k of image i uses its own derived seed", 0)
+
+    def validate(self) -> None:
+        for name, flag in (("hq_dir", "HQ_DIR"), ("out_dir", "OUT_DIR"), ("checkpoint", "--checkpoint")):
+            if not getattr(self, name):
+                raise ValueError(f"synthesize: {flag} is required.")
+        if self.mode != "degrade":
+            raise ValueError(f"synthesize: only --mode degrade is supported, got {self.mode!r}.")
+        if self.per_image < 1:
+            raise ValueError(f"synthesize: --per-image must be >= 1, got {self.per_image}.")
+        if self.size % 8 or self.size < 64:
+            raise ValueError(f"synthesize: --size must be a multiple of 8 and >= 64, got {self.size}.")
+        if self.batch_size < 1:
+            raise ValueError(f"synthesize: --batch-size must be >= 1, got {self.batch_size}.")
+
+
+def synthesis_jobs(files: Sequence[Path], per_image: int, out_dir: Path) -> list[tuple[Path, int, Path]]:
+    """(HQ path, variant k, output path) for every output that does not exist yet."""
+    jobs = []
+    for p in files:
+        for k in range(per_image):
+            out = out_dir / f"{p.stem}_{k}.png"
+            if not out.exists():
+                jobs.append((p, k, out))
+    return jobs
+
+
+def synthesize_degraded(cfg: SynthesizeConfig, pipeline: FlipNetPipeline | None = None) -> int:
+    """Degrade every HQ face ``per_image`` times with FlipNet's degradation mode; returns outputs written here."""
+    cfg.validate()
+    # Without CUDA, several processes (torchrun / accelerate launch) must ask for CPU mode explicitly, or each one
+    # believes it is process 0 of 1 and they all synthesize every job (found by the two-process test).
+    state = PartialState(cpu=use_cpu(False))
+    files = list_images(cfg.hq_dir, "HQ face folder")
+    out_dir = Path(cfg.out_dir)
+    jobs = synthesis_jobs(files, cfg.per_image, out_dir)
+    pipe = pipeline or FlipNetPipeline.from_checkpoint(cfg.base_model, cfg.checkpoint, device=state.device,
+                                                       tokenizer=cfg.tokenizer)
+    written = 0
+    position = {p: i for i, p in enumerate(files)}
+    with state.split_between_processes(jobs) as mine:
+        logger.info("process %d: %d of %d synthesis jobs", state.process_index, len(mine), len(jobs))
+        for start in range(0, len(mine), cfg.batch_size):
+            chunk = mine[start:start + cfg.batch_size]
+            # one seed per (image, variant): the result does not depend on sharding or batch size
+            seeds = [(cfg.seed * 1_000_003 + position[p] * cfg.per_image + k) & 0x7FFFFFFF for p, k, _ in chunk]
+            sample = FlipNetSampleConfig(mode="degrade", num_inference_steps=cfg.num_inference_steps,
+                                         guidance_scale=cfg.guidance_scale, prompt=cfg.prompt, negative_prompt="",
+                                         t_y_policy=cfg.t_y_policy, t_y=cfg.t_y, seeds=seeds)
+            images = pipe(torch.stack([load_image(p, cfg.size) for p, _, _ in chunk]), sample)
+            for (_, _, out), img in zip(chunk, images):
+                save_png(out, img)
+                written += 1
+    state.wait_for_everyone()
+    return written
+
+
+
+
+def restore_dr2(image: str | Path, out: str | Path, config: dr2.DR2Config, *, model: SDModel | None = None,
+                base_model: str | Path | None = None, download: bool = False, repo_id: str | None = None,
+                size: int | None = None, device: str = "auto") -> Path:
+    """``bfr restore --method dr2 IMAGE --out OUT``: restore one image file (or every image in a folder).
+
+    ``out`` is a file for one image, a folder for a folder. The model comes from ``model`` or the resolution
+    order of :func:`..sd.loader.load_model` (tiny random fallback, loudly). ``size`` resizes to a square first.
+    """
+    image, out = Path(image), Path(out)
+    config.validate()
+    sources = list_images(image, "restore input folder") if image.is_dir() else [image]
+    if not is_image_file(sources[0]):
+        raise FileNotFoundError(f"{image} is not an image file ({', '.join(IMAGE_EXTENSIONS)}) or folder.")
+    if model is None:
+        model = load_model(base_model, download=download, repo_id=repo_id, device=resolve_device(device))
+    if image.is_dir() or out.suffix.lower() not in IMAGE_EXTENSIONS:
+        out.mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        x = load_image(src, size)[None]
+        result = dr2.restore(model, x, config,
+                             progress=lambda d, t: logger.debug("DR2 %s: %d/%d", src.name, d, t))
+        dst = out / f"{src.stem}_dr2.png" if out.is_dir() else out
+        save_png(dst, result.images[0])
+        logger.info("DR2 restored %s -> %s", src, dst)
+    if not model.is_real:
+        logger.warning("the output above came from the TINY RANDOM model: it is NOT a real restoration")
+    return out
+
+

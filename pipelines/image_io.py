@@ -1,0 +1,119 @@
+"""Image files and uint8 conversion: the one place the pack reads, lists and writes images.
+
+Every command and trainer uses these, so one set of extensions, one EXIF/alpha/16-bit rule and one rounding rule
+(round half to even of x * 255, clipped) hold everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class ImageFolderError(ValueError):
+    """A missing or empty image folder, or an unreadable image; the message names the path and the fix."""
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def list_images(folder: str | Path, what: str = "image folder", *, recursive: bool = False,
+                exclude: Path | None = None, allow_empty: bool = False) -> list[Path]:
+    """Sorted image files of ``folder`` (recursive on request), skipping anything inside ``exclude``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        kind = "is a file, not a folder" if folder.is_file() else "does not exist"
+        raise ImageFolderError(f"{what} {str(folder)!r} {kind}; pass a folder of images.")
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in it if is_image_file(p) and not (exclude is not None and exclude in p.parents))
+    if not files and not allow_empty:
+        raise ImageFolderError(f"{what} {str(folder)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}). Point it at "
+                               "the folder that " + ("contains" if recursive else "directly contains") + " the images.")
+    return files
+
+
+def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
+    """uint8 RGB HWC: EXIF orientation applied, alpha dropped, gray replicated, 16-bit scaled to 8-bit; optionally
+    resized to a ``size`` square (bicubic). Unreadable files raise :class:`ImageFolderError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageFolderError(f"image not found: {str(path)!r}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    arr = np.asarray(im, dtype=np.float64)
+                    scale = 65535.0 if arr.max() > 255 else 255.0
+                    gray = np.clip(np.rint(arr / scale * 255.0), 0, 255).astype(np.uint8)
+                    arr = np.repeat(gray[..., None], 3, axis=-1)
+                else:
+                    if im.mode != "RGB":
+                        im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+                    arr = np.asarray(im)[..., :3]
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageFolderError(f"Cannot read image {str(path)!r} ({exc}); the file is corrupt or not an image. Delete "
+                               "or replace it.") from exc
+    if size and arr.shape[:2] != (size, size):
+        arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((size, size), Image.Resampling.BICUBIC))
+    return np.ascontiguousarray(arr)
+
+
+def from_uint8(arr: np.ndarray) -> torch.Tensor:
+    """uint8 HWC -> float tensor (3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
+
+
+def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
+    """Image file -> float tensor (3, H, W) in [0, 1] (see :func:`read_rgb`)."""
+    return from_uint8(read_rgb(path, size))
+
+
+def to_uint8(image) -> np.ndarray:
+    """A (3,H,W)/(H,W,3) float tensor or array in [0, 1] (or a uint8 array) -> uint8 HWC RGB."""
+    arr = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = np.transpose(arr, (1, 2, 0))
+    if arr.dtype != np.uint8:
+        arr = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return np.ascontiguousarray(arr)
+
+
+def save_png(path: str | Path, image) -> Path:
+    """Write an image (see :func:`to_uint8`) as PNG atomically (a temporary file, then rename); creates folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        Image.fromarray(to_uint8(image)).save(tmp, format="PNG", compress_level=1)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def resize_square(img: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (3,H,W) to (3,size,size) with antialiased bicubic (FFHQ 1024 -> 512)."""
+    if img.shape[-2:] == (size, size):
+        return img
+    out = F.interpolate(img[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return out[0].clamp(0.0, 1.0)
+
+
+def image_grid(rows: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Rows of (3,H,W) images in [0,1] -> one (3, rows*H, cols*W) image."""
+    tiles = [torch.cat([img.float().clamp(0, 1).cpu() for img in row], dim=2) for row in rows]
+    return torch.cat(tiles, dim=1)
