@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -119,6 +120,16 @@ def kohya_rank_alpha(sd: dict[str, torch.Tensor], source: str = "state dict") ->
     return distinct[0], alpha_values[0]
 
 
+def require_same_keys(expected: Iterable[str], found: Iterable[str], what: str, fix: str) -> None:
+    """Raise ValueError when ``found`` lacks keys of ``expected`` or has extra ones: counts, two examples of each,
+    then ``fix``."""
+    expected, found = set(expected), set(found)
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ValueError(f"{what}: {len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. "
+                         f"{unexpected[:2]}). {fix}")
+
+
 def load_lora_kohya(unet: nn.Module, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Load kohya LoRA weights into the UNet's FlipNet adapter (created by :func:`add_flipnet_lora`).
 
@@ -137,12 +148,8 @@ def load_lora_kohya(unet: nn.Module, sd: dict[str, torch.Tensor], source: str = 
                          f"{float(cfg.lora_alpha):g}. Create the adapter with alpha={alpha:g}.")
     names = {kohya_name(p): p for p in lora_target_names(unet)}
     present = {k.rsplit(".lora_down.weight", 1)[0] for k in sd if k.endswith(".lora_down.weight")}
-    missing = sorted(set(names) - present)
-    unexpected = sorted(present - set(names))
-    if missing or unexpected:
-        raise ValueError(f"LoRA in {source} does not match this UNet: {len(missing)} targets missing (e.g. "
-                         f"{missing[:2]}), {len(unexpected)} unknown (e.g. {unexpected[:2]}). Is it for another base "
-                         "model topology (SD2.1-base expected)?")
+    require_same_keys(names, present, f"LoRA in {source} does not match this UNet's targets",
+                      "Is it for another base model topology (SD2.1-base expected)?")
     with torch.no_grad():
         for name, path in names.items():
             module = unet.get_submodule(path)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,6 @@ def load_vgg19_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "weight to 0 to train without it."
         )
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         sd = load_file(str(path))
     else:
         try:

@@ -1,5 +1,5 @@
 """Face embedder (FlipNet §4.1): autoencoders, patch tokens, association loss (Eq. 6), adapter; and the losses module
-pieces it uses (VGG19 topology and weight loading, discriminator, Eq. 1-3 helpers)."""
+pieces it uses (VGG19 topology and weight loading, discriminator), and the Eq. 1-3 helpers of ``sd.diffusion``."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from comfyui_bfr.lora.face_embedder import (
     FaceAutoencoderPair,
     LQFaceEncoder,
     append_face_tokens,
+    build_autoencoder,
     drop_mask,
     face_context_tokens,
     null_face_tokens,
     patchify_latent,
 )
+from comfyui_bfr.sd.diffusion import diffusion_target, predict_x0, q_sample
 
 TINY = FaceAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, patch_size=2)
 
@@ -154,15 +156,15 @@ def test_diffusion_equations_round_trip():
     ab = torch.linspace(0.999, 0.01, 1000)
     z0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     t = torch.tensor([0, 500, 999])
-    zt = losses.q_sample(z0, eps, ab, t)
+    zt = q_sample(z0, eps, ab, t)
     a = ab[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(zt, a.sqrt() * z0 + (1 - a).sqrt() * eps)  # Eq. (1)
-    torch.testing.assert_close(losses.predict_x0(zt, eps, ab, t, "epsilon"), z0, atol=1e-4, rtol=1e-4)  # Eq. (3)
-    v = losses.diffusion_target(z0, eps, ab, t, "v_prediction")
-    torch.testing.assert_close(losses.predict_x0(zt, v, ab, t, "v_prediction"), z0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(predict_x0(zt, eps, ab, t, "epsilon"), z0, atol=1e-4, rtol=1e-4)  # Eq. (3)
+    v = diffusion_target(z0, eps, ab, t, "v_prediction")
+    torch.testing.assert_close(predict_x0(zt, v, ab, t, "v_prediction"), z0, atol=1e-4, rtol=1e-4)
     assert losses.ldm_loss(eps, eps) == 0
     with pytest.raises(ValueError, match="prediction_type 'sample'"):
-        losses.predict_x0(zt, eps, ab, t, "sample")
+        predict_x0(zt, eps, ab, t, "sample")
 
 
 def test_discriminator_and_gan_losses():
@@ -179,8 +181,6 @@ def test_discriminator_and_gan_losses():
 
 
 def test_init_from_the_sd_vae_copies_weights_or_says_why_not():
-    from comfyui_bfr.lora.face_embedder import build_autoencoder
-
     torch.manual_seed(0)
     vae = build_autoencoder(TINY)  # stands in for the SD VAE (same AutoencoderKL key layout)
     pair = FaceAutoencoderPair(TINY)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from comfyui_bfr.pipelines.image_io import ImageFolderError
 from comfyui_bfr.train import data
 from comfyui_bfr.train.data import DatasetError
 from fixtures.flipnet import stub_degrade, write_faces
@@ -92,9 +93,9 @@ def test_paired_layouts_are_detected_and_paired(tmp_path):
 
 def test_empty_unpaired_and_unknown_folders(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match="holds no images"):
+    with pytest.raises(ImageFolderError, match="holds no images"):
         data.FaceFolderDataset(tmp_path / "empty")
-    with pytest.raises(DatasetError, match="does not exist"):
+    with pytest.raises(ImageFolderError, match="does not exist"):
         data.FaceFolderDataset(tmp_path / "nope")
     unpaired = _layout(tmp_path / "LOL", "low", "high", ["1.png", "2.png", "3.png"], ["1.png"])
     with pytest.raises(DatasetError, match=r"2 LQ files .* have no HQ partner.*low/2.png"):
@@ -104,7 +105,7 @@ def test_empty_unpaired_and_unknown_folders(tmp_path):
         data.find_pairs(tmp_path / "odd")
     (tmp_path / "half" / "low").mkdir(parents=True)
     (tmp_path / "half" / "high").mkdir(parents=True)
-    with pytest.raises(DatasetError, match="holds no images"):
+    with pytest.raises(ImageFolderError, match="holds no images"):
         data.find_pairs(tmp_path / "half")
     write_faces(tmp_path / "hq", 2, size=32)
     write_faces(tmp_path / "other_lq", 2, size=32, names=["zzz_0.png", "yyy.png"])
@@ -119,7 +120,7 @@ def test_corrupt_image_names_the_file(tmp_path):
     (tmp_path / "hq" / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     ds = data.FaceFolderDataset(tmp_path / "hq", size=32)
     assert ds[0]["hq"].shape == (3, 32, 32)
-    with pytest.raises(DatasetError, match=r"Cannot read image .*00001.png.*corrupt"):
+    with pytest.raises(ImageFolderError, match=r"Cannot read image .*00001.png.*corrupt"):
         ds[1]
 
 
@@ -136,7 +137,6 @@ def test_fill_lq_on_the_fly_keeps_offshelf_rows(tmp_path):
 
 
 def test_on_the_fly_uses_the_flipnet_preset_deterministically():
-    pytest.importorskip("comfyui_bfr.pipelines.degradation")
     hq = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     a = data.degrade_on_the_fly(hq, seed=5)
     b = data.degrade_on_the_fly(hq, seed=5)

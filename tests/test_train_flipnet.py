@@ -4,6 +4,8 @@ checkpoint, resume), FlipNet degrade on paired + face folders, a two-process CPU
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -12,12 +14,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 
+from comfyui_bfr.cli import main as bfr_main
+from comfyui_bfr.cli.args import add_dataclass_arguments, dataclass_from_namespace
 from comfyui_bfr.lora import checkpoint as ck
+from comfyui_bfr.pipelines.image_io import ImageFolderError
+from comfyui_bfr.train.core import TrainConfig, list_checkpoints, load_trainable_state_dict, trainable_state_dict
 from comfyui_bfr.train.face_ae import FaceAETrainConfig, train_face_ae
-from comfyui_bfr.train.flipnet import FlipNetTrainConfig, list_checkpoints, train_flipnet
+from comfyui_bfr.train.flipnet import FlipNetTrainConfig, train_flipnet
 from fixtures.flipnet import micro_components, write_faces, write_micro_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +103,8 @@ def test_degrade_training_on_paired_and_face_folders(faces, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_cpu_training_writes_the_same_format(faces, tmp_path):
-    """Two CPU processes (torchrun, gloo via accelerate's MULTI_CPU) train 2 steps and export the same format."""
+    """Two CPU processes (torchrun running the ``bfr`` module, gloo via accelerate's MULTI_CPU) train 2 steps and
+    export the same format."""
     base = write_micro_folder(tmp_path / "base")
     lol = tmp_path / "LOL"
     write_faces(lol / "low", 4, size=64, seed=10)
@@ -107,7 +115,7 @@ def test_two_process_cpu_training_writes_the_same_format(faces, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           "-m", "comfyui_bfr.train.flipnet", "--mode", "degrade", "--base-model", str(base),
+           "-m", "comfyui_bfr.cli", "train", "flipnet", "--mode", "degrade", "--base-model", str(base),
            "--output-dir", str(out), "--paired-dirs", str(lol), "--hq-dir", str(faces / "hq"),
            "--resolution", "64", "--train-batch-size", "1", "--max-train-steps", "2", "--lora-rank", "4",
            "--checkpointing-steps", "2", "--validation-steps", "0", "--dataloader-num-workers", "0"]
@@ -148,31 +156,50 @@ def test_config_errors_name_the_flag_and_the_fix(tmp_path):
     assert FlipNetTrainConfig(mode="degrade", paired_dirs=["x"]).learning_rate == 5e-5
 
 
+def test_resume_state_must_fit_the_model():
+    a = torch.nn.Linear(2, 3)
+    b = torch.nn.Linear(2, 4)
+    sd = trainable_state_dict(a)
+    load_trainable_state_dict(torch.nn.Linear(2, 3), sd, "s")
+    with pytest.raises(ValueError, match=r"weight has shape \(3, 2\), expected \(4, 2\)"):
+        load_trainable_state_dict(b, sd, "s")
+    with pytest.raises(ValueError, match=r"does not fit this model: 0 missing .* 1 unexpected .*'extra'.*same mode"):
+        load_trainable_state_dict(a, dict(sd, extra=torch.zeros(1)), "s")
+
+
 def test_training_on_an_empty_folder_fails_clearly(tmp_path):
     (tmp_path / "hq").mkdir()
-    from comfyui_bfr.train.data import DatasetError
-
-    with pytest.raises(DatasetError, match="holds no images"):
+    with pytest.raises(ImageFolderError, match="holds no images"):
         train_flipnet(FlipNetTrainConfig(mode="degrade", output_dir=str(tmp_path / "o"), hq_dir=str(tmp_path / "hq"),
                                          lora_rank=4, resolution=64), components=micro_components(0))
 
 
 def test_argparse_wiring_round_trips_the_config():
-    import argparse
-
-    from comfyui_bfr.train import face_ae as tfa
-    from comfyui_bfr.train import flipnet as tfl
-
     p = argparse.ArgumentParser()
-    tfl.add_arguments(p)
+    add_dataclass_arguments(p, FlipNetTrainConfig)
     ns = p.parse_args(["--mode", "degrade", "--paired-dirs", "/a:lol", "/b:sidd:1000", "--no-use-face-embedding",
                        "--lora-alpha", "32", "--gradient-checkpointing"])
-    cfg = tfl.dataclass_from_namespace(tfl.FlipNetTrainConfig, ns)
+    cfg = dataclass_from_namespace(FlipNetTrainConfig, ns)
     assert cfg.paired_dirs == ["/a:lol", "/b:sidd:1000"] and cfg.lora_alpha == 32.0 and cfg.gradient_checkpointing
     assert cfg.use_face_embedding is False and cfg.lora_rank == 64 and cfg.validation_guidance_scale == 1.5
     p2 = argparse.ArgumentParser()
-    tfa.add_arguments(p2)
+    add_dataclass_arguments(p2, FaceAETrainConfig)
     ns2 = p2.parse_args(["--stage", "recon", "--hq-dir", "x", "--block-out-channels", "32", "64",
                          "--lambda-perceptual", "0"])
-    cfg2 = tfa.dataclass_from_namespace(tfa.FaceAETrainConfig, ns2)
+    cfg2 = dataclass_from_namespace(FaceAETrainConfig, ns2)
     assert cfg2.block_out_channels == (32, 64) and cfg2.max_train_steps == 200_000
+    # subclass defaults override the shared ones (face-AE's Adam betas); the rest are inherited
+    assert (cfg2.adam_beta1, cfg2.adam_beta2, cfg2.adam_epsilon) == (0.5, 0.9, 1e-8)
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon) == (0.9, 0.999, 1e-8)
+
+
+@pytest.mark.parametrize("which,own", [("flipnet", "--lora-rank"), ("face-ae", "--disc-learning-rate")])
+def test_train_help_lists_shared_and_own_flags(which, own, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bfr_main(["train", which, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    shared = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)]
+    missing = [f for f in shared + [own] if f not in out]
+    assert not missing, missing
+    assert "--resume-from-checkpoint" in shared and "--mixed-precision" in shared

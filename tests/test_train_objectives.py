@@ -4,13 +4,12 @@ evaluation so before/after compare the same objective. Also: the degrade-mode ba
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
-from comfyui_bfr.lora.face_embedder import FaceAutoencoderPair, LQFaceEncoder
+from comfyui_bfr.lora.face_embedder import AdapterConfig, FaceAdapter, FaceAutoencoderPair, LQFaceEncoder
 from comfyui_bfr.lora.losses import VGGPerceptualLoss
+from comfyui_bfr.sd.vae import encode as vae_encode
 from comfyui_bfr.train.face_ae import (
     DiscriminatorPair,
     FaceAETrainConfig,
@@ -26,11 +25,8 @@ from comfyui_bfr.train.flipnet import (
     joint_clean_latents,
     prepare_flipnet_unet,
 )
-from comfyui_bfr.lora.face_embedder import AdapterConfig, FaceAdapter
 from fixtures.flipnet import micro_components, stub_degrade
 
-logger = logging.getLogger(__name__)
-FIGURES: dict[str, tuple[float, float]] = {}
 STEPS = 4
 
 
@@ -41,6 +37,25 @@ def _images(n=2, size=32, seed=0):
     return hq, stub_degrade(hq, seed)
 
 
+def _descend(objective, opt, steps=STEPS):
+    """(before, logs before, after, logs after) of ``objective() -> (loss, logs)`` around ``steps`` optimizer steps;
+    the objective re-seeds its own randomness so both ends measure the same function."""
+    with torch.no_grad():
+        before, logs_before = objective()
+    for _ in range(steps):
+        loss, _ = objective()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after, logs_after = objective()
+    return float(before), logs_before, float(after), logs_after
+
+
+def _figure(before: float, after: float) -> str:
+    return f"{before:.4f} -> {after:.4f} after the optimizer steps"
+
+
 def _face_cfg(stage, tmp_path, **kw):
     return FaceAETrainConfig(stage=stage, hq_dir=str(tmp_path), output_dir=str(tmp_path), init_from=(
         str(tmp_path / "x.safetensors") if stage == "assoc" else None), block_out_channels=(32, 64),
@@ -48,7 +63,7 @@ def _face_cfg(stage, tmp_path, **kw):
 
 
 @pytest.mark.parametrize("stage", ["recon", "assoc"])
-def test_face_ae_objective_decreases(stage, tmp_path):
+def test_face_ae_objective_decreases(stage, tmp_path, record_figure):
     torch.manual_seed(0)
     cfg = _face_cfg(stage, tmp_path)
     pair = FaceAutoencoderPair(cfg.ae_config())
@@ -61,44 +76,27 @@ def test_face_ae_objective_decreases(stage, tmp_path):
     def objective():
         return face_ae_generator_loss(module(hq, lq), hq, lq, disc, perceptual, cfg, True, 2)
 
-    with torch.no_grad():
-        before, logs = objective()
-    for _ in range(STEPS):
-        loss, _ = objective()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        after, logs_after = objective()
-    FIGURES[f"face-ae {stage}"] = (float(before), float(after))
+    before, logs, after, logs_after = _descend(objective, opt)
+    record_figure(f"face-ae {stage}", _figure(before, after))
     l1_before, l1_after = logs["l1_x"] + logs["l1_y"], logs_after["l1_x"] + logs_after["l1_y"]
-    FIGURES[f"face-ae {stage} (L1 part)"] = (l1_before, l1_after)
-    logger.info("face-ae %s objective %.4f -> %.4f (%s)", stage, before, after, logs_after)
+    record_figure(f"face-ae {stage} (L1 part)", _figure(l1_before, l1_after))
     assert after < 0.9 * before
     if stage == "recon":
         assert l1_after < l1_before  # not only the adversarial term against the fixed discriminator
     else:
         ce_before, ce_after = logs["ce_x"] + logs["ce_y"], logs_after["ce_x"] + logs_after["ce_y"]
-        FIGURES["face-ae assoc (CE part)"] = (ce_before, ce_after)
+        record_figure("face-ae assoc (CE part)", _figure(ce_before, ce_after))
         assert ce_after < ce_before
 
 
-def test_face_ae_discriminator_objective_decreases():
+def test_face_ae_discriminator_objective_decreases(record_figure):
     torch.manual_seed(0)
     disc = DiscriminatorPair(16, 2)
     hq, lq = _images(2, 32)
     fake_x, fake_y = hq.flip(-1) * 0.5, lq.flip(-2) * 0.5
     opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
-    with torch.no_grad():
-        before = face_ae_discriminator_loss(disc, hq, lq, fake_x, fake_y)
-    for _ in range(5):
-        loss = face_ae_discriminator_loss(disc, hq, lq, fake_x, fake_y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        after = face_ae_discriminator_loss(disc, hq, lq, fake_x, fake_y)
-    FIGURES["face-ae discriminator"] = (float(before), float(after))
+    before, _, after, _ = _descend(lambda: (face_ae_discriminator_loss(disc, hq, lq, fake_x, fake_y), {}), opt, 5)
+    record_figure("face-ae discriminator", _figure(before, after))
     assert after < before
 
 
@@ -126,7 +124,7 @@ def _flipnet_setup(mode, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["restore", "degrade"])
-def test_flipnet_objective_decreases(mode, tmp_path):
+def test_flipnet_objective_decreases(mode, tmp_path, record_figure):
     module, frozen, cfg = _flipnet_setup(mode, tmp_path)
     hq, lq = _images(2, 64, seed=1)
     captions = ["a photo of a face", "old man"]
@@ -137,17 +135,8 @@ def test_flipnet_objective_decreases(mode, tmp_path):
     def objective():
         return flipnet_loss(module, frozen, hq, lq, captions, cfg, torch.Generator().manual_seed(123))
 
-    with torch.no_grad():
-        before, logs_before = objective()
-    for _ in range(STEPS):
-        loss, _ = objective()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        after, logs_after = objective()
-    FIGURES[f"flipnet {mode}"] = (float(before), float(after))
-    logger.info("flipnet %s objective %.4f -> %.4f (%s -> %s)", mode, before, after, logs_before, logs_after)
+    before, logs_before, after, _ = _descend(objective, opt)
+    record_figure(f"flipnet {mode}", _figure(before, after))
     assert after < 0.95 * before
     if mode == "restore":
         assert logs_before["l_mse"] > 0 and logs_before["l_p"] > 0
@@ -195,15 +184,7 @@ def test_degrade_loss_sees_the_flipped_streams(tmp_path):
     (zd, td), (zr, tr) = seen["degrade"], seen["restore"]
     assert torch.equal(td, tr)
     # same noise and timestep per row, clean latents flipped: z_t(degrade) - z_t(restore) is a function of the flip
-    from comfyui_bfr.pipelines.flipnet import vae_encode
-
     z_hq, z_lq = vae_encode(frozen.vae, hq), vae_encode(frozen.vae, lq)
     a = frozen.alphas_cumprod[tr].view(-1, 1, 1, 1).sqrt()
     torch.testing.assert_close(zd - zr, a * (torch.cat([z_lq, z_hq]) - torch.cat([z_hq, z_lq])), atol=1e-5, rtol=1e-4)
 
-
-def test_zz_report_figures():
-    """Logs the before/after figures of this module (for the report); asserts they were all measured."""
-    for name, (before, after) in FIGURES.items():
-        logger.warning("objective %-22s %.4f -> %.4f", name, before, after)
-    assert len(FIGURES) >= 5 or not FIGURES

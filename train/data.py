@@ -349,7 +349,6 @@ class DegradationBatchConfig:
 
 def degrade_on_the_fly(hq: torch.Tensor, seed: int, cfg: DegradationBatchConfig | None = None) -> torch.Tensor:
     """Classical LQ from HQ (Eq. 9, second order, shuffled) via ``pipelines.degradation``; (B,3,H,W) in [0, 1]."""
-
     cfg = cfg or DegradationBatchConfig()
     config = degradation.get_preset(cfg.preset)
     lq, _params = degradation.degrade(hq, config, seed=seed, backend=cfg.backend)
