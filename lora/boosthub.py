@@ -12,22 +12,22 @@ axis, row ``i`` of the input half paired with row ``B + i`` of the condition hal
 HQ latent first and the diffused LQ latent second; degradation mode flips them. Only the input half is boosted; the
 condition half runs the plain (LoRA) UNet.
 
-The math lives in pure functions that both wrappers call:
+The math lives in pure functions; :func:`boosthub_forward` is the ONE dispatch (joint batch / record / replay)
+that both wrappers call with the layer's self-attention output and its input ``normed = norm1(x)``:
 
 * the diffusers processor :class:`BoostHubAttnProcessor` (training, CLI), installed by :func:`install_boosthub`;
-* a ComfyUI patch (next issue). ComfyUI's ``attn1_patch(n, context, value, extra_options)`` sees ``n = norm1(x)``
-  for the whole joint batch: stash ``n`` in ``extra_options`` (the same dict reaches the later patches of that block
-  call). ``attn1_output_patch(out, extra_options)`` (``out`` is after the layer's own ``to_out``) returns
-  ``boost_joint_batch(out, n, hub, extra_options["n_heads"], phi)``. ``hub`` is this layer's
+* the ComfyUI patches in ``nodes/flipnet_patches.py``: ``attn1_patch(n, context, value, extra_options)`` stashes
+  ``n = norm1(x)`` in ``extra_options`` (the same dict reaches the later patches of that block call) and
+  ``attn1_output_patch(out, extra_options)`` (``out`` is after the layer's own ``to_out``) returns
+  ``boosthub_forward(out, n, hub, extra_options["n_heads"], phi, cache_mode, kv)[0]``. ``hub`` is this layer's
   :class:`BoostHubProjections` (:func:`boosthub_modules_from_state_dict` on a checkpoint's ``boosthub.*`` weights,
   keyed by diffusers attn1 path; :func:`comfy_block_key` gives the ComfyUI ``(block, number, index)`` of a path). No
-  replace patch is needed because BoostHub has its own W_o. For the LQ cache, call :func:`boosthub_kv` once on the
-  condition rows and then ``boosthub_residual(n, None, hub, heads, phi, kv=cached)`` on the input rows.
+  replace patch is needed because BoostHub has its own W_o.
 
 LQ cache (design §3.3, policy ``t_y = fixed``): the condition stream's K_y, V_y do not change across sampling steps,
-so :func:`boosthub_kv` can be computed once per layer (``BoostHubState.cache_mode = "record"`` on a condition-only
-batch) and reused (``"replay"`` on an input-only batch); see :class:`BoostHubState`. The condition rows never read
-the input rows, so record + replay equals the joint batch.
+so :func:`boosthub_kv` can be computed once per layer (``cache_mode = "record"`` on a condition-only batch) and
+reused (``"replay"`` on an input-only batch); see :class:`BoostHubState`. The condition rows never read the input
+rows, so record + replay equals the joint batch.
 """
 
 from __future__ import annotations
@@ -141,6 +141,41 @@ def boost_joint_batch(self_attn_out: torch.Tensor, normed: torch.Tensor, hub: _P
     return torch.cat([joint_features(self_attn_out[:half], boost.to(self_attn_out.dtype)), self_attn_out[half:]], 0)
 
 
+def boosthub_forward(
+    self_attn_out: torch.Tensor,
+    normed: torch.Tensor,
+    hub: _Projections,
+    heads: int,
+    phi: float,
+    cache_mode: str = "off",
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """One self-attention layer's BoostHub step, for every wrapper: ``(layer output, recorded K_y/V_y or None)``.
+
+    ``self_attn_out`` is the layer's own self-attention output (after ``to_out``) and ``normed`` its input
+    (``norm1`` output), both (rows, N, C). ``cache_mode``:
+
+    * ``"off"``: rows are the joint batch ``cat([input, condition])``; Eq. (5) on the input half
+      (:func:`boost_joint_batch`);
+    * ``"record"``: rows are the condition stream only; returns the output unchanged and ``boosthub_kv(normed)``
+      (detached) to keep for the replay passes;
+    * ``"replay"``: rows are the input stream only; ``kv`` is what ``"record"`` returned for this layer (batch 1 or
+      one row per input row); returns ``SelfAttn + phi F_ro`` with those K_y/V_y.
+    """
+    if cache_mode == "off":
+        return boost_joint_batch(self_attn_out, normed, hub, heads, phi), None
+    if cache_mode == "record":
+        k, v = boosthub_kv(normed, hub)
+        return self_attn_out, (k.detach(), v.detach())
+    if cache_mode == "replay":
+        if kv is None:
+            raise ValueError("the BoostHub LQ cache holds no K/V for this layer; run a 'record' pass on the condition "
+                             "stream first (or use cache_mode 'off').")
+        boost = boosthub_residual(normed, None, hub, heads, phi, kv=kv)
+        return joint_features(self_attn_out, boost.to(self_attn_out.dtype)), None
+    raise ValueError(f"BoostHub cache_mode {cache_mode!r} is not one of {CACHE_MODES}.")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------------------------------
@@ -232,21 +267,14 @@ class BoostHubAttnProcessor(nn.Module):
         if hidden_states.ndim != 3:
             raise ValueError(f"BoostHub expects (B, N, C) hidden states at {self.layer_name}, got "
                              f"{tuple(hidden_states.shape)}.")
-        if state.cache_mode == "record":
-            k, v = boosthub_kv(hidden_states, self.hub)
-            state.kv_cache[self.layer_name] = (k.detach(), v.detach())
-            return out
-        if state.cache_mode == "replay":
-            if self.layer_name not in state.kv_cache:
-                raise RuntimeError(f"BoostHub LQ cache has no entry for {self.layer_name}; run a 'record' pass on the "
-                                   "condition stream first (or set cache_mode='off').")
-            boost = boosthub_residual(hidden_states, None, self.hub, attn.heads, state.phi,
-                                      kv=state.kv_cache[self.layer_name])
-            return joint_features(out, boost.to(out.dtype))
         try:
-            return boost_joint_batch(out, hidden_states, self.hub, attn.heads, state.phi)
+            out, kv = boosthub_forward(out, hidden_states, self.hub, attn.heads, state.phi, state.cache_mode,
+                                       state.kv_cache.get(self.layer_name))
         except ValueError as exc:
             raise ValueError(f"{self.layer_name}: {exc}") from exc
+        if kv is not None:
+            state.kv_cache[self.layer_name] = kv
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -338,6 +366,39 @@ def load_boosthub_state_dict(unet: nn.Module, sd: dict[str, torch.Tensor], sourc
             proc.hub.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
 
 
+BOOSTHUB_LEAVES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight", "out_proj.bias")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(str(int(d)) for d in t.shape) or "a scalar"
+
+
+def check_boosthub_layer(path: str, weights: dict[str, torch.Tensor], width: int | None = None) -> int:
+    """The width C of one layer's BoostHub weights ``{"q_proj.weight": ..., ...}``; a ValueError that says in words
+    what is wrong otherwise: every projection is C x C and the W_o bias C, with C the layer's width (``width``)."""
+    missing = [leaf for leaf in BOOSTHUB_LEAVES if leaf not in weights]
+    extra = sorted(set(weights) - set(BOOSTHUB_LEAVES))
+    if missing or extra:
+        parts = ([f"lacks {', '.join(missing)}"] if missing else []) + \
+            ([f"has unknown tensors {', '.join(extra)}"] if extra else [])
+        raise ValueError(f"BoostHub {path} {' and '.join(parts)}; a BoostHub layer holds exactly "
+                         f"{', '.join(BOOSTHUB_LEAVES)}.")
+    q = weights["q_proj.weight"]
+    if q.ndim != 2 or q.shape[0] != q.shape[1]:
+        raise ValueError(f"BoostHub {path}: q_proj.weight is {_shape(q)}, but every BoostHub projection is a square "
+                         "C x C matrix (C = the width of its self-attention layer).")
+    c = int(q.shape[0])
+    for leaf in BOOSTHUB_LEAVES[1:]:
+        want = (c,) if leaf.endswith(".bias") else (c, c)
+        if tuple(weights[leaf].shape) != want:
+            raise ValueError(f"BoostHub {path}: {leaf} is {_shape(weights[leaf])} but q_proj.weight is {c}x{c}; the "
+                             f"projections of one layer must agree ({'x'.join(map(str, want))}).")
+    if width is not None and c != int(width):
+        raise ValueError(f"BoostHub {path} is {c} wide but that self-attention layer is {int(width)} wide; the "
+                         "BoostHub weights belong to another UNet.")
+    return c
+
+
 def boosthub_modules_from_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, BoostHubProjections]:
     """{attn1 path: BoostHubProjections} rebuilt from ``boosthub.*`` weights (checkpoint namespace stripped), for
     wrappers that do not use a diffusers UNet (the ComfyUI patch)."""
@@ -350,13 +411,8 @@ def boosthub_modules_from_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, B
         groups.setdefault(path, {})[f"{proj}.{leaf}"] = value
     modules = {}
     for path, weights in groups.items():
-        if "q_proj.weight" not in weights:
-            raise ValueError(f"BoostHub layer {path} has no q_proj.weight.")
-        hub = BoostHubProjections(int(weights["q_proj.weight"].shape[1]))
-        try:
-            hub.load_state_dict(weights, strict=True)
-        except RuntimeError as exc:
-            raise ValueError(f"BoostHub layer {path}: {exc}") from exc
+        hub = BoostHubProjections(check_boosthub_layer(path, weights))
+        hub.load_state_dict(weights, strict=True)
         modules[path] = hub.to(weights["q_proj.weight"].dtype)
     return modules
 

@@ -18,16 +18,26 @@ under ``ae.``), metadata ``stage`` (recon|assoc), ``face_ae_config``, ``image_si
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .boosthub import BoostHubState, boosthub_state_dict, install_boosthub, load_boosthub_state_dict
+from ..sd.convert import SD21_BASE_UNET_CONFIG
+from .boosthub import (
+    BoostHubState,
+    boosthub_state_dict,
+    check_boosthub_layer,
+    install_boosthub,
+    load_boosthub_state_dict,
+)
 from .face_embedder import AdapterConfig, FaceAdapter, FaceAEConfig, FaceAutoencoderPair, LQFaceEncoder
 from .lora_targets import (
     ADAPTER_NAME,
@@ -113,6 +123,185 @@ def _json_meta(path, meta: dict, key: str, default=None):
         return json.loads(meta[key])
     except json.JSONDecodeError as exc:
         raise CheckpointError(path, f"metadata {key!r} is not valid JSON: {meta[key][:80]!r}.") from exc
+
+
+def _config_meta(path, meta: dict, key: str, cls):
+    """A config dataclass from a JSON metadata object; unknown fields and bad values are CheckpointErrors."""
+    raw = _json_meta(path, meta, key)
+    known = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(raw, dict):
+        raise CheckpointError(path, f"metadata {key!r} must be a JSON object with the fields {known}, got "
+                                    f"{type(raw).__name__} {meta[key][:80]!r}.")
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise CheckpointError(path, f"metadata {key!r} has unknown field(s) {unknown}; {cls.__name__} has {known}. "
+                                    "The file was edited or written by another version; re-export it with this "
+                                    "version of comfyui-bfr.")
+    try:
+        return cls(**raw)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"metadata {key!r} is not a valid {cls.__name__}: {exc}") from exc
+
+
+def _int_meta(path, meta: dict, key: str, default: int | None, what: str, lo: int | None = None,
+              hi: int | None = None, example: str = "100") -> int | None:
+    """An integer metadata string (``"100"``), in [lo, hi]; anything else names the key, the value and the rule."""
+    raw = meta.get(key)
+    if raw is None:
+        return default
+    rule = f"an integer {what}" + (f" in [{lo}, {hi}]" if lo is not None and hi is not None else
+                                   f" >= {lo}" if lo is not None else "")
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise CheckpointError(path, f"metadata {key} is {raw!r}, but it must be {rule} (e.g. {example!r}).") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise CheckpointError(path, f"metadata {key} is {value}, but it must be {rule}.")
+    return value
+
+
+def _float_meta(path, meta: dict, key: str, default: float, what: str, lo: float | None = None) -> float:
+    """A finite number from a metadata string (``"1.0"``), >= lo."""
+    raw = meta.get(key)
+    if raw is None:
+        return default
+    rule = f"a finite number{' >= ' + format(lo, 'g') if lo is not None else ''} ({what})"
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise CheckpointError(path, f"metadata {key} is {raw!r}, but it must be {rule}.") from None
+    if not math.isfinite(value) or (lo is not None and value < lo):
+        raise CheckpointError(path, f"metadata {key} is {raw!r}, but it must be {rule}.")
+    return value
+
+
+# Diffusers attention paths of a transformer block (FlipNet's LoRA and BoostHub targets) and their kohya names.
+_ATTN_PATH = re.compile(r"(?:(?P<kind>down|up)_blocks\.(?P<level>\d+)|mid_block)\.attentions\.(?P<j>\d+)"
+                        r"\.transformer_blocks\.(?P<k>\d+)\.(?P<attn>attn[12])")
+_KOHYA_LORA = re.compile(re.escape(KOHYA_PREFIX) + r"(?:(?P<kind>down|up)_blocks_(?P<level>\d+)|mid_block)"
+                         r"_attentions_(?P<j>\d+)_transformer_blocks_(?P<k>\d+)_(?P<attn>attn[12])"
+                         r"_(?P<proj>to_q|to_k|to_v|to_out_0)")
+_LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+def _diffusers_path(m: re.Match) -> str:
+    """The dotted diffusers module path of a kohya LoRA name match (``..._attn2_to_out_0`` -> ``....attn2.to_out.0``)."""
+    block = "mid_block" if m["kind"] is None else f"{m['kind']}_blocks.{m['level']}"
+    proj = "to_out.0" if m["proj"] == "to_out_0" else m["proj"]
+    return f"{block}.attentions.{m['j']}.transformer_blocks.{m['k']}.{m['attn']}.{proj}"
+
+
+def _unet_topology(path, meta: dict) -> dict:
+    """The widths the file's UNet has: its ``unet`` metadata over SD2.1-base's, checked to be an SD2.x UNet."""
+    sig = _json_meta(path, meta, "unet", {})
+    if not isinstance(sig, dict):
+        raise CheckpointError(path, f"metadata 'unet' must be a JSON object (the UNet topology), got {sig!r:.80}.")
+    topo = {"block_out_channels": list(SD21_BASE_UNET_CONFIG["block_out_channels"]),
+            "layers_per_block": SD21_BASE_UNET_CONFIG["layers_per_block"],
+            "cross_attention_dim": SD21_BASE_UNET_CONFIG["cross_attention_dim"]}
+    topo.update({k: sig[k] for k in topo if k in sig})
+    boc, lpb = topo["block_out_channels"], topo["layers_per_block"]
+    if isinstance(lpb, (list, tuple)) and len(set(lpb)) == 1:
+        topo["layers_per_block"] = lpb = lpb[0]
+    if not (isinstance(boc, list) and boc and all(isinstance(c, int) and c > 0 for c in boc)) or \
+            not (isinstance(lpb, int) and lpb > 0):
+        raise CheckpointError(path, f"metadata 'unet' has block_out_channels={boc!r}, layers_per_block={lpb!r}; "
+                                    "expected a list of positive widths and a positive integer (SD2.1-base: "
+                                    f"{SD21_BASE_UNET_CONFIG['block_out_channels']}, 2).")
+    if topo["cross_attention_dim"] != SD2_CONTEXT_DIM:
+        raise CheckpointError(path, f"metadata 'unet' says cross_attention_dim={topo['cross_attention_dim']!r}, but "
+                                    f"a FlipNet for SD2.1-base has {SD2_CONTEXT_DIM} (SD1.x: 768, SDXL: 2048).")
+    return topo
+
+
+def _block_width(match: re.Match, topo: dict) -> int:
+    """Width of the transformer block an attention path / kohya name points at; ValueError if the UNet has none."""
+    boc, lpb = topo["block_out_channels"], topo["layers_per_block"]
+    kind, j = match["kind"], int(match["j"])
+    if kind is None:
+        if j != 0:
+            raise ValueError(f"the middle block has one attention layer (attentions.0), not attentions.{j}")
+        return boc[-1]
+    level = int(match["level"])
+    if level >= len(boc):
+        raise ValueError(f"the UNet has {len(boc)} {kind} blocks (block_out_channels {boc}), not {kind}_blocks.{level}")
+    per = lpb if kind == "down" else lpb + 1
+    if j >= per:
+        raise ValueError(f"{kind} block {level} has {per} attention layers (layers_per_block {lpb}), not "
+                         f"attentions.{j}")
+    return boc[level] if kind == "down" else boc[::-1][level]
+
+
+def _check_lora_shapes(path, lora: dict[str, torch.Tensor], topo: dict) -> None:
+    """Every kohya tensor against the layer it targets: lora_down is rank x in, lora_up out x rank (door (a))."""
+    ctx = topo["cross_attention_dim"]
+    for key, value in sorted(lora.items()):
+        name, suffix = next(((key[: -len(s)], s) for s in _LORA_SUFFIXES if key.endswith(s)), (key, None))
+        m = _KOHYA_LORA.fullmatch(name)
+        if suffix is None or m is None:
+            raise CheckpointError(path, f"LoRA key {key!r} is not '<kohya name of an attn1/attn2 to_q|to_k|to_v|"
+                                        "to_out.0 projection>.lora_down.weight|.lora_up.weight|.alpha'; FlipNet puts "
+                                        "its LoRA on the attention projections only.")
+        layer = _diffusers_path(m)
+        try:
+            width = _block_width(m, topo)
+        except ValueError as exc:
+            raise CheckpointError(path, f"LoRA {name} targets a layer this UNet does not have: {exc}.") from None
+        if suffix == ".alpha":
+            if value.numel() != 1 or not math.isfinite(float(value.reshape(-1)[0])):
+                raise CheckpointError(path, f"{key} must be one finite number (the LoRA alpha), got a tensor of "
+                                            f"shape {tuple(value.shape)}.")
+            continue
+        cross_kv = m["attn"] == "attn2" and m["proj"] in ("to_k", "to_v")
+        in_dim = ctx if cross_kv else width
+        why_in = (f"the SD2.1 text context, cross_attention_dim {ctx}" if cross_kv else f"the block width {width}")
+        if value.ndim != 2:
+            raise CheckpointError(path, f"{key} is {tuple(value.shape)}; a LoRA projection is a matrix.")
+        rank = int(value.shape[0] if suffix == ".lora_down.weight" else value.shape[1])
+        if suffix == ".lora_down.weight" and int(value.shape[1]) != in_dim:
+            hint = (" (768 is SD1.x's text width, 2048 SDXL's)" if cross_kv else "")
+            raise CheckpointError(path, f"LoRA down projection {key} is {rank}x{int(value.shape[1])}, but the layer "
+                                        f"it targets ({layer}) takes {in_dim}-wide inputs ({why_in}){hint}: the LoRA "
+                                        "was made for another base model (ComfyUI would only log an error and leave "
+                                        "that layer unpatched). Use a FlipNet trained on SD2.1-base.")
+        if suffix == ".lora_up.weight" and int(value.shape[0]) != width:
+            raise CheckpointError(path, f"LoRA up projection {key} is {int(value.shape[0])}x{rank}, but the layer it "
+                                        f"targets ({layer}) gives {width}-wide outputs (the block width): the LoRA "
+                                        "was made for another base model. Use a FlipNet trained on SD2.1-base.")
+
+
+def _check_boosthub_shapes(path, boosthub: dict[str, torch.Tensor], topo: dict) -> None:
+    """Every BoostHub layer: a known self-attention path, C x C projections with C its width (door (b))."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in boosthub.items():
+        layer, _, leaf = key.rpartition(".")
+        layer, _, proj = layer.rpartition(".")
+        m = _ATTN_PATH.fullmatch(layer)
+        if m is None or m["attn"] != "attn1" or proj not in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            raise CheckpointError(path, f"BoostHub key 'boosthub.{key}' is not 'boosthub.<self-attention (attn1) "
+                                        "path>.<q|k|v|out>_proj.<weight|bias>'.")
+        groups.setdefault(layer, {})[f"{proj}.{leaf}"] = value
+    for layer, weights in sorted(groups.items()):
+        try:
+            check_boosthub_layer(layer, weights, _block_width(_ATTN_PATH.fullmatch(layer), topo))
+        except ValueError as exc:
+            raise CheckpointError(path, str(exc)) from None
+
+
+def _check_module_tensors(path, namespace: str, module: nn.Module, sd: dict[str, torch.Tensor], config: str) -> None:
+    """``sd`` has exactly the tensors (names and shapes) of ``module``, a meta-device build from the stored config."""
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    if missing or unexpected:
+        raise CheckpointError(path, f"'{namespace}.*' does not match the stored {config}: {len(missing)} tensors "
+                                    f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
+                                    f"{unexpected[:3]}). Re-export the checkpoint with `bfr train flipnet`.")
+    for k, shape in want.items():
+        if tuple(sd[k].shape) != shape:
+            have = "x".join(map(str, sd[k].shape)) or "a scalar"
+            raise CheckpointError(path, f"{namespace}.{k} is {have}, but the stored {config} needs "
+                                        f"{'x'.join(map(str, shape)) or 'a scalar'}: the weights and the config come "
+                                        "from different models. Re-export the checkpoint with `bfr train flipnet`.")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -221,7 +410,12 @@ def save_flipnet_checkpoint(
 
 
 def read_flipnet_checkpoint(path: str | Path, expected_base_model: str = BASE_MODEL) -> FlipNetCheckpoint:
-    """Read and validate a FlipNet file: format, base model, namespaces, one LoRA rank that matches the metadata."""
+    """Read and validate a FlipNet file before anything is built from it: format, base model and mode; namespaces;
+    every LoRA tensor against the width of the SD2.1 layer it targets (ComfyUI's loader would only log an
+    error at merge time and leave that layer unpatched); every BoostHub layer C x C with C its block's width; one LoRA rank that matches the metadata; numeric
+    metadata (phi, t_y, lora_rank, face_image_size) and the face configs field by field; the face embedder and
+    adapter tensors against those configs. Widths come from the file's ``unet`` metadata (SD2.1-base's when absent).
+    Every problem is a :class:`CheckpointError` naming the file and saying what is wrong."""
     tensors, meta = _read(path)
     fmt = meta.get("bfr_format")
     if fmt != FLIPNET_FORMAT:
@@ -250,15 +444,22 @@ def read_flipnet_checkpoint(path: str | Path, expected_base_model: str = BASE_MO
         raise CheckpointError(path, f"{len(unknown)} tensors outside the known namespaces (e.g. {unknown[:3]}).")
     if not groups["boosthub"]:
         raise CheckpointError(path, "holds no 'boosthub.*' weights.")
+    topo = _unet_topology(path, meta)
+    _check_lora_shapes(path, groups["lora"], topo)
+    _check_boosthub_shapes(path, groups["boosthub"], topo)
     try:
         rank, alpha = kohya_rank_alpha(groups["lora"], Path(path).name)
     except ValueError as exc:
         raise CheckpointError(path, str(exc)) from exc
-    meta_rank = int(meta.get("lora_rank", rank))
+    meta_rank = _int_meta(path, meta, "lora_rank", rank, "(the LoRA rank)", lo=1, example="64")
     if meta_rank != rank:
         raise CheckpointError(path, f"metadata says LoRA rank {meta_rank} but the weights have rank {rank}.")
-    defaults = FlipNetDefaults(phi=float(meta.get("phi", 1.0)), t_y_policy=meta.get("t_y_policy", "fixed"),
-                               t_y=int(meta.get("t_y", 100)))
+    phi = _float_meta(path, meta, "phi", 1.0, "the BoostHub enhance weight; paper default 1, range [0, 2]", lo=0.0)
+    t_y = _int_meta(path, meta, "t_y", 100, "timestep", lo=0, hi=999)
+    try:
+        defaults = FlipNetDefaults(phi=phi, t_y_policy=meta.get("t_y_policy", "fixed"), t_y=t_y)
+    except ValueError as exc:
+        raise CheckpointError(path, f"metadata: {exc}") from exc
     ckpt = FlipNetCheckpoint(path=str(path), mode=mode, rank=rank, alpha=alpha, lora=groups["lora"],
                              boosthub=groups["boosthub"], face_embedder=groups["face_embedder"],
                              adapter=groups["adapter"], defaults=defaults, unet=_json_meta(path, meta, "unet", {}),
@@ -266,12 +467,20 @@ def read_flipnet_checkpoint(path: str | Path, expected_base_model: str = BASE_MO
     if bool(ckpt.face_embedder) != bool(ckpt.adapter):
         raise CheckpointError(path, "has only one of 'face_embedder.*' and 'adapter.*'; both are needed.")
     if ckpt.face_embedder:
-        ckpt.face_ae_config = FaceAEConfig(**_json_meta(path, meta, "face_ae_config"))
-        ckpt.adapter_config = AdapterConfig(**_json_meta(path, meta, "adapter_config"))
-        ckpt.face_image_size = int(meta.get("face_image_size", 0)) or None
+        ckpt.face_ae_config = _config_meta(path, meta, "face_ae_config", FaceAEConfig)
+        ckpt.adapter_config = _config_meta(path, meta, "adapter_config", AdapterConfig)
+        ckpt.face_image_size = _int_meta(path, meta, "face_image_size", None, "size in px", lo=1, example="512")
         if ckpt.adapter_config.in_dim != ckpt.face_ae_config.token_dim:
             raise CheckpointError(path, f"adapter input width {ckpt.adapter_config.in_dim} does not match face token "
                                         f"width {ckpt.face_ae_config.token_dim}.")
+        if ckpt.adapter_config.out_dim != SD2_CONTEXT_DIM:
+            raise CheckpointError(path, f"the face adapter gives {ckpt.adapter_config.out_dim}-wide tokens, but "
+                                        f"SD2.1's text context is {SD2_CONTEXT_DIM} wide.")
+        with torch.device("meta"):  # shapes only: nothing allocated
+            encoder, adapter = LQFaceEncoder(ckpt.face_ae_config), FaceAdapter(ckpt.adapter_config)
+        _check_module_tensors(path, "face_embedder", encoder, ckpt.face_embedder,
+                              f"face_ae_config {ckpt.face_ae_config.to_dict()}")
+        _check_module_tensors(path, "adapter", adapter, ckpt.adapter, f"adapter_config {ckpt.adapter_config.to_dict()}")
     return ckpt
 
 
@@ -352,7 +561,7 @@ def load_face_ae_checkpoint(path: str | Path) -> tuple[FaceAutoencoderPair, dict
     if fmt != FACE_AE_FORMAT:
         raise CheckpointError(path, f"bfr_format is {fmt!r}, expected {FACE_AE_FORMAT!r} (written by "
                                     "`bfr train face-ae`).")
-    cfg = FaceAEConfig(**_json_meta(path, meta, "face_ae_config"))
+    cfg = _config_meta(path, meta, "face_ae_config", FaceAEConfig)
     pair = FaceAutoencoderPair(cfg)
     sd = {k.removeprefix("face_ae."): v for k, v in tensors.items()}
     try:

@@ -234,8 +234,9 @@ def drop_mask(batch: int, p: float, generator: torch.Generator | None = None, de
 def face_context_tokens(
     encoder: LQFaceEncoder, adapter: FaceAdapter, lq_images: torch.Tensor, drop: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """tau(z_y) for LQ images; rows in ``drop`` get tau(0) (the null face embedding, also used as CFG uncond)."""
-    z = encoder(lq_images)
+    """tau(z_y) for LQ images; rows in ``drop`` get tau(0) (the null face embedding, also used as CFG uncond).
+    z_y comes from :func:`encode_face` at the images' own size, as in :func:`face_tokens`."""
+    z = encode_face(encoder, lq_images)
     if drop is not None and bool(drop.any()):
         z = torch.where(drop.view(-1, 1, 1).to(z.device), torch.zeros_like(z), z)
     return adapter(z)

@@ -1,34 +1,24 @@
 """Node family: FlipNet restoration / degradation on SD2.1-base (design.md §3.3, §5).
 
-* ``BFR Load FlipNet`` reads a ``flipnet/1`` checkpoint from ``models/bfr`` (:mod:`..lora.checkpoint`) into a
-  ``BFR_FLIPNET`` value: the kohya LoRA dict, the BoostHub projections of every self-attention layer, and (restore
-  mode) the LQ face encoder + adapter.
-* ``BFR Apply FlipNet`` patches a clone of the MODEL -- never the input -- with
-
-  - the LoRA, through ComfyUI's own loader (``comfy.lora.load_lora`` + ``add_patches``, merged at load time);
-  - an ``APPLY_MODEL`` wrapper that turns every UNet call into the joint batch ``cat([x, y])`` of
-    :mod:`..lora.boosthub`: ``x`` is the latent being sampled (all cond/uncond chunks), ``y`` the encoded condition
-    image diffused to the same sigma (policy ``same``) or to the fixed timestep ``t_y`` (policy ``fixed``), with a
-    noise drawn once from ``seed``; only the first half of the output is returned;
-  - an ``attn1_patch`` that stashes ``n = norm1(x)`` and an ``attn1_output_patch`` that adds
-    ``phi * F_ro`` (:func:`..lora.boosthub.boost_joint_batch`) to the input rows of every self-attention layer;
-
-  and returns positive / negative CONDITIONING with the face tokens ``tau(z_y)`` / ``tau(0)`` appended on the token
-  axis (restore mode; degrade mode leaves the prompts unchanged), plus an empty LATENT of the image's size.
+* ``BFR Load FlipNet`` reads a ``flipnet/1`` checkpoint from ``models/bfr`` (:mod:`..lora.checkpoint`, which checks
+  every tensor against the layer it targets) into a ``BFR_FLIPNET`` value: the kohya LoRA dict, the BoostHub
+  projections of every self-attention layer, and (restore mode) the LQ face encoder + adapter.
+* ``BFR Apply FlipNet`` patches a clone of the MODEL -- never the input -- with the LoRA, through ComfyUI's own
+  loader (``comfy.lora.load_lora`` + ``add_patches``, merged at load time), and the patch objects of
+  :mod:`.flipnet_patches` (the joint-batch / LQ-cache ``APPLY_MODEL`` wrapper, the ``attn1_patch`` and the
+  ``attn1_output_patch`` that add ``phi * F_ro`` in every self-attention layer); it returns positive / negative
+  CONDITIONING with the face tokens ``tau(z_y)`` / ``tau(0)`` appended on the token axis (restore mode; degrade mode
+  leaves the prompts unchanged), plus an empty LATENT of the image's size.
 
 The math is the same as the diffusers pipeline (:mod:`..pipelines.flipnet`); ``tests/comfy/test_flipnet_nodes.py``
-holds the two to the same numbers. Patch objects return themselves from ``__deepcopy__`` (``ModelPatcher.clone``
-deep-copies ``model_options``) and the BoostHub weights live in one ModelPatcher registered with
+holds the two to the same numbers. The BoostHub weights live in one ModelPatcher registered with
 ``set_additional_models``, so clones share them and ComfyUI moves them with the UNet. comfy is imported lazily.
-
-LQ cache (``t_y = fixed``, on by default): the condition stream is the same at every step, so a condition-only pass
-records every BoostHub layer's K_y/V_y once per prompt chunk and later steps run the input rows alone (replay);
-the cache is cleared at the start and end of every sampling run (an ``OUTER_SAMPLE`` wrapper).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +27,8 @@ import torch.nn as nn
 from ..lora import boosthub as bh
 from ..lora.checkpoint import FLIPNET_MODES, SD2_CONTEXT_DIM, CheckpointError, build_face_modules, read_flipnet_checkpoint
 from ..lora.face_embedder import append_face_tokens, face_tokens
-from ._comfy import BFR_FOLDER, register_model_folder
+from ._comfy import BFR_FOLDER, intermediate_device, register_model_folder, torch_device
+from .flipnet_patches import BoostHubOutput, BoostHubStash, HubBank, JointBatchWrapper
 from .helpers import NodeInputError, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -49,27 +40,9 @@ CATEGORY = "BFR/FlipNet"
 
 T_Y_POLICIES = ["checkpoint", "same", "fixed"]
 WRAPPER_KEY = "bfr_flipnet"
-_JOINT = "bfr_flipnet_joint"  # transformer_options flag: rows in the current UNet call (input + condition)
-_STASH = "bfr_flipnet_n"  # extra_options slot for norm1(x) of the current block call
-_RECORD = "bfr_flipnet_record"  # LQ cache: {block key: (K_y, V_y)} filled by a condition-only pass
-_REPLAY = "bfr_flipnet_replay"  # LQ cache: {block key: (K_y, V_y)} used by an input-only pass
 
 
 # ---------------------------------------------------------------------------------------------- BFR_FLIPNET
-
-
-class _HubBank(nn.Module):
-    """All BoostHub projections of one checkpoint, keyed by ComfyUI-safe names (a ModuleDict forbids dots)."""
-
-    def __init__(self, hubs: dict[str, bh.BoostHubProjections]):
-        super().__init__()
-        self.layers = nn.ModuleDict({path.replace(".", "__"): hub for path, hub in hubs.items()})
-
-    def get(self, path: str) -> bh.BoostHubProjections:
-        return self.layers[path.replace(".", "__")]
-
-    def paths(self) -> list[str]:
-        return [k.replace("__", ".") for k in self.layers.keys()]
 
 
 @dataclass
@@ -78,7 +51,7 @@ class FlipNetModel:
 
     name: str
     checkpoint: object  # lora.checkpoint.FlipNetCheckpoint
-    hubs: _HubBank
+    hubs: HubBank
     face_encoder: nn.Module | None = None
     adapter: nn.Module | None = None
     _patcher: object = field(default=None, repr=False)
@@ -107,8 +80,6 @@ class FlipNetModel:
 
 def load_flipnet(path: str, node: str = LOAD_ID) -> FlipNetModel:
     """Read a FlipNet ``.safetensors`` into a :class:`FlipNetModel`; every problem is a NodeInputError."""
-    import os
-
     name = os.path.basename(str(path))
     try:
         ckpt = read_flipnet_checkpoint(path)
@@ -125,7 +96,7 @@ def load_flipnet(path: str, node: str = LOAD_ID) -> FlipNetModel:
     for module in (enc, ada):
         if module is not None:
             module.requires_grad_(False).eval()
-    bank = _HubBank(hubs).requires_grad_(False).eval()
+    bank = HubBank(hubs).requires_grad_(False).eval()
     logger.info("Loaded FlipNet %s (%s mode, LoRA rank %d, %d BoostHub layers, face embedder: %s).", name,
                 ckpt.mode, ckpt.rank, len(hubs), enc is not None)
     return FlipNetModel(name=name, checkpoint=ckpt, hubs=bank, face_encoder=enc, adapter=ada)
@@ -173,198 +144,7 @@ class BFRLoadFlipNet:
         return (load_flipnet(path),)
 
 
-# ---------------------------------------------------------------------------------------------- patches
-
-
-class BoostHubStash:
-    """``attn1_patch``: remember ``n = norm1(x)`` of the joint batch for :class:`BoostHubOutput` (same block call)."""
-
-    def __call__(self, n, context, value, extra_options):
-        if extra_options.get(_JOINT) or _RECORD in extra_options or _REPLAY in extra_options:
-            extra_options[_STASH] = n
-        return n, context, value
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-class BoostHubOutput:
-    """``attn1_output_patch``: F_joint = SelfAttn(F_x) + phi F_ro on the input rows (Eq. 5), per block."""
-
-    def __init__(self, flipnet: FlipNetModel, keys: dict[tuple[str, int, int], str], phi: float):
-        self.flipnet = flipnet
-        self.keys = keys  # ComfyUI (block, number, block_index) -> diffusers attn1 path
-        self.phi = float(phi)
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, out, extra_options):
-        n = extra_options.pop(_STASH, None)
-        if n is None:
-            return out
-        block = extra_options.get("block")
-        key = (block[0], int(block[1]), int(extra_options.get("block_index", 0))) if block is not None else None
-        path = self.keys.get(key)
-        if path is None:
-            raise RuntimeError(f"[{APPLY_ID}] no BoostHub for self-attention block {key}; the FlipNet checkpoint "
-                               f"{self.flipnet.name} does not fit this model.")
-        hub = self.flipnet.hubs.get(path)
-        if hub.q_proj.weight.device != n.device:  # normally moved by the additional-model patcher
-            hub.to(n.device)
-        heads = int(extra_options["n_heads"])
-        if _RECORD in extra_options:  # condition-only pass: keep K_y, V_y; the output is discarded
-            extra_options[_RECORD][key] = bh.boosthub_kv(n, hub)
-            return out
-        if _REPLAY in extra_options:  # input-only pass: F_joint with the recorded K_y, V_y
-            boost = bh.boosthub_residual(n, None, hub, heads, self.phi, kv=extra_options[_REPLAY][key])
-            return bh.joint_features(out, boost.to(out.dtype))
-        if extra_options.get(_JOINT):
-            return bh.boost_joint_batch(out, n, hub, heads, self.phi)
-        return out
-
-
-class JointBatchWrapper:
-    """``APPLY_MODEL`` wrapper: run ``cat([x, y_sigma])`` through the model and return the input half.
-
-    ``condition`` is the model-space condition latent (B or 1 rows), ``noise`` its fixed noise draw;
-    ``sigma_y`` None means policy ``same`` (y at each row's own sigma), else the fixed sigma of ``t_y``.
-    """
-
-    def __init__(self, condition: torch.Tensor, noise: torch.Tensor, sigma_y: float | None, lq_cache: bool = False):
-        self.condition = condition
-        self.noise = noise
-        self.sigma_y = sigma_y
-        self.lq_cache = bool(lq_cache) and sigma_y is not None
-        self.cache: dict = {}  # (cond uuid, cond_or_uncond) -> {"context", "rows", "kv": {block key: (K, V)}}
-        self.condition_passes = 0  # condition-only UNet passes run for the LQ cache (diagnostics, tests)
-
-    def clear_cache(self) -> None:
-        self.cache.clear()
-
-    def outer_sample(self, executor, *args, **kwargs):
-        """OUTER_SAMPLE wrapper: a fresh LQ cache for every sampling run (weights and prompts may have changed)."""
-        self.clear_cache()
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            self.clear_cache()
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def condition_rows(self, x: torch.Tensor, sigma: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y at its sigma for every row of x, the per-row sigmas of y); x holds ``chunks`` equal cond/uncond parts."""
-        rows = x.shape[0]
-        if chunks < 1 or rows % chunks:
-            chunks = 1
-        per = rows // chunks
-        y, eps = self.condition, self.noise
-        if y.shape[0] != per:
-            if y.shape[0] != 1:
-                raise RuntimeError(f"[{APPLY_ID}] the sampled latent has batch {per} but the condition IMAGE has "
-                                   f"{y.shape[0]} images; sample the LATENT output of {APPLY_ID} (one latent per "
-                                   "image) or give one image.")
-            y, eps = y.expand(per, -1, -1, -1), eps.expand(per, -1, -1, -1)
-        if tuple(y.shape[1:]) != tuple(x.shape[1:]):
-            raise RuntimeError(f"[{APPLY_ID}] the sampled latent {tuple(x.shape[1:])} does not match the condition "
-                               f"image's latent {tuple(y.shape[1:])}; sample the LATENT output of {APPLY_ID} (same "
-                               "size as the image) and do not use area conditioning.")
-        y = y.repeat(chunks, 1, 1, 1).to(x.device, torch.float32)
-        eps = eps.repeat(chunks, 1, 1, 1).to(x.device, torch.float32)
-        sigma = sigma.reshape(-1).to(x.device, torch.float32)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(rows)
-        sig_y = sigma if self.sigma_y is None else torch.full_like(sigma, self.sigma_y)
-        return (y + sig_y.view(-1, 1, 1, 1) * eps).to(x.dtype), sig_y.to(sigma.dtype)
-
-    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
-                 **kwargs):
-        transformer_options = transformer_options if transformer_options is not None else {}
-        if control is not None:
-            raise RuntimeError(f"[{APPLY_ID}] FlipNet cannot be combined with ControlNet/T2I-Adapter: the control "
-                               "residuals are computed for the plain batch, FlipNet doubles it. Remove the "
-                               "ControlNet from this sampler.")
-        rows = x.shape[0]
-        chunks = len(transformer_options.get("cond_or_uncond", [0]))
-        y, sig_y = self.condition_rows(x, t, chunks)
-        if self.lq_cache:
-            return self._cached_call(executor, x, t, y, sig_y, c_concat, c_crossattn, transformer_options, kwargs)
-        sigma = t.reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(rows)
-        x2 = torch.cat([x, y])
-        t2 = torch.cat([sigma, sig_y.to(sigma.device, sigma.dtype)])
-
-        def double(v):
-            if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == rows:
-                return torch.cat([v, v])
-            if isinstance(v, list):
-                return [double(e) for e in v]
-            return v
-
-        options = dict(transformer_options)
-        options[_JOINT] = 2 * rows
-        out = executor(x2, t2, double(c_concat), double(c_crossattn), control, options,
-                       **{k: double(v) for k, v in kwargs.items()})
-        return out[:rows]
-
-    def _cached_call(self, executor, x, t, y, sig_y, c_concat, c_crossattn, transformer_options, kwargs):
-        """LQ cache (t_y fixed): record K_y/V_y of every BoostHub layer once per prompt chunk, then run x alone.
-
-        The condition rows never read the input rows and y_{t_y} is the same at every step, so their per-layer K/V
-        only depend on the chunk's prompt: a condition-only pass (recorded) + an input-only pass (replayed) equals
-        the joint batch (lora/boosthub.py, BoostHubState)."""
-        rows = x.shape[0]
-        kinds = list(transformer_options.get("cond_or_uncond", [0]))
-        uuids = list(transformer_options.get("uuids", [None] * len(kinds)))
-        if len(kinds) < 1 or rows % len(kinds):
-            kinds, uuids = [0], [None]
-        per = rows // len(kinds)
-
-        def part(v, j_list):
-            if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == rows:
-                return torch.cat([v[j * per:(j + 1) * per] for j in j_list])
-            if isinstance(v, list):
-                return [part(e, j_list) for e in v]
-            return v
-
-        def entry_key(j):
-            return (uuids[j] if j < len(uuids) else None, kinds[j])
-
-        missing = []
-        for j in range(len(kinds)):
-            entry = self.cache.get(entry_key(j))
-            ctx = c_crossattn[j * per:(j + 1) * per] if c_crossattn is not None else None
-            if entry is None or entry["rows"] != per or not _same_tensor(entry["context"], ctx):
-                missing.append(j)
-        if missing:
-            store: dict = {}
-            options = dict(transformer_options)
-            options[_RECORD] = store
-            options["cond_or_uncond"] = [kinds[j] for j in missing]
-            options["uuids"] = [uuids[j] for j in missing if j < len(uuids)]
-            executor(part(y, missing), part(sig_y.to(t.device, t.dtype), missing), part(c_concat, missing),
-                     part(c_crossattn, missing), None, options, **{k: part(v, missing) for k, v in kwargs.items()})
-            self.condition_passes += 1
-            for i, j in enumerate(missing):
-                ctx = c_crossattn[j * per:(j + 1) * per] if c_crossattn is not None else None
-                self.cache[entry_key(j)] = {
-                    "context": None if ctx is None else ctx.detach().clone(), "rows": per,
-                    "kv": {key: (k[i * per:(i + 1) * per], v[i * per:(i + 1) * per]) for key, (k, v) in store.items()},
-                }
-        entries = [self.cache[entry_key(j)]["kv"] for j in range(len(kinds))]
-        replay = {key: (torch.cat([e[key][0] for e in entries]), torch.cat([e[key][1] for e in entries]))
-                  for key in entries[0]}
-        options = dict(transformer_options)
-        options[_REPLAY] = replay
-        return executor(x, t, c_concat, c_crossattn, None, options, **kwargs)
-
-
-def _same_tensor(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return a.shape == b.shape and a.device == b.device and torch.equal(a, b.to(a.dtype))
+# ---------------------------------------------------------------------------------------------- patched MODEL
 
 
 def joint_batch_wrapper(model) -> JointBatchWrapper | None:
@@ -434,8 +214,21 @@ def _block_keys(node: str, flipnet: FlipNetModel, model, unet_config: dict) -> d
     return keys
 
 
+def parameter_problem(mode=None, phi=None, t_y_policy=None, t_y=None) -> str | None:
+    """What is wrong with the Apply node's widget values, in words (None: nothing); None inputs are linked ones."""
+    if mode is not None and mode not in FLIPNET_MODES:
+        return f"mode must be one of {FLIPNET_MODES} (got {mode!r})."
+    if phi is not None and not (isinstance(phi, (int, float)) and 0.0 <= phi <= 2.0):
+        return f"phi must be in [0, 2] (got {phi!r}); 1 is the paper's default."
+    if t_y_policy is not None and t_y_policy not in T_Y_POLICIES:
+        return f"t_y_policy must be one of {T_Y_POLICIES} (got {t_y_policy!r})."
+    if t_y is not None and not (isinstance(t_y, int) and 0 <= t_y <= 999):
+        return f"t_y must be an integer timestep in [0, 999] (got {t_y!r})."
+    return None
+
+
 def prepare_image(node: str, image) -> torch.Tensor:
-    """:func:`.dr2.to_rgb`, and sides that are not multiples of 8 (or below 16) rejected."""
+    """:func:`.helpers.to_rgb`, and sides that are not multiples of 8 (or below 16) rejected."""
     image = to_rgb(node, image)
     h, w = image.shape[1:3]
     if h % 8 or w % 8 or min(h, w) < 16:
@@ -551,15 +344,8 @@ class BFRApplyFlipNet:
 
     @classmethod
     def VALIDATE_INPUTS(cls, mode=None, phi=None, t_y_policy=None, t_y=None):
-        if mode is not None and mode not in FLIPNET_MODES:
-            return f"[{APPLY_ID}] mode must be one of {FLIPNET_MODES} (got {mode!r})."
-        if phi is not None and not (isinstance(phi, (int, float)) and 0.0 <= phi <= 2.0):
-            return f"[{APPLY_ID}] phi must be in [0, 2] (got {phi!r}); 1 is the paper's default."
-        if t_y_policy is not None and t_y_policy not in T_Y_POLICIES:
-            return f"[{APPLY_ID}] t_y_policy must be one of {T_Y_POLICIES} (got {t_y_policy!r})."
-        if t_y is not None and not (isinstance(t_y, int) and 0 <= t_y <= 999):
-            return f"[{APPLY_ID}] t_y must be an integer timestep in [0, 999] (got {t_y!r})."
-        return True
+        problem = parameter_problem(mode=mode, phi=phi, t_y_policy=t_y_policy, t_y=t_y)
+        return True if problem is None else f"[{APPLY_ID}] {problem}"
 
     def apply(self, model, flipnet, vae, image, positive, negative, mode="restore", phi=1.0, t_y_policy="checkpoint",
               t_y=100, lq_cache=True, seed=0):
@@ -569,9 +355,9 @@ class BFRApplyFlipNet:
         node = APPLY_ID
         if not isinstance(flipnet, FlipNetModel):
             raise NodeInputError(node, f"flipnet must come from {LOAD_ID}, got {type(flipnet).__name__}.")
-        problem = self.VALIDATE_INPUTS(mode=mode, phi=phi, t_y_policy=t_y_policy, t_y=t_y)
-        if problem is not True:
-            raise NodeInputError(node, problem.split("] ", 1)[-1])
+        problem = parameter_problem(mode=mode, phi=phi, t_y_policy=t_y_policy, t_y=t_y)
+        if problem is not None:
+            raise NodeInputError(node, problem)
         if flipnet.mode != mode:
             raise NodeInputError(node, f"mode is {mode!r} but {flipnet.name} is a {flipnet.mode}-mode checkpoint; "
                                        f"set mode to {flipnet.mode!r} or load a {mode}-mode checkpoint.")
@@ -602,8 +388,8 @@ class BFRApplyFlipNet:
                                        "MODEL; the checkpoint was trained on another UNet. Use the SD2.1-base "
                                        "checkpoint it was trained with.")
         m.set_model_attn1_patch(BoostHubStash())
-        m.set_model_attn1_output_patch(BoostHubOutput(flipnet, keys, phi))
-        wrapper = JointBatchWrapper(condition, noise, sigma_y, lq_cache=lq_cache)
+        m.set_model_attn1_output_patch(BoostHubOutput(flipnet.hubs, keys, phi, node=node, source=flipnet.name))
+        wrapper = JointBatchWrapper(condition, noise, sigma_y, lq_cache=lq_cache, node=node)
         m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
         m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, wrapper.outer_sample)
         m.set_additional_models(WRAPPER_KEY, [flipnet.hub_patcher()])
@@ -627,9 +413,8 @@ class BFRApplyFlipNet:
     @staticmethod
     @torch.no_grad()
     def face_tokens(flipnet: FlipNetModel, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tau(z_y), tau(0)) for IMAGE (B,H,W,3), as :meth:`FlipNetPipeline.face_tokens` computes them."""
-        from ._comfy import intermediate_device, torch_device
-
+        """(tau(z_y), tau(0)) for IMAGE (B,H,W,3) through :func:`..lora.face_embedder.face_tokens`, the computation
+        :meth:`FlipNetPipeline.face_tokens` uses too."""
         enc, ada = flipnet.face_encoder, flipnet.adapter
         device = torch_device()
         enc.to(device)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from comfyui_bfr.lora import boosthub, lora_targets
+from comfyui_bfr.nodes import flipnet_patches as patches
 from comfyui_bfr.lora.boosthub import (
     BoostHubAttnProcessor,
     BoostHubProjections,
@@ -19,6 +20,7 @@ from comfyui_bfr.lora.boosthub import (
     install_boosthub,
     multihead_attention,
 )
+from comfyui_bfr.sd.convert import SD21_BASE_UNET_CONFIG
 from fixtures.flipnet import fixture_unet
 
 
@@ -84,25 +86,229 @@ def test_state_and_residual_validation():
         multihead_attention(torch.randn(1, 2, 8), torch.randn(1, 2, 8), torch.randn(1, 2, 8), 3)
 
 
-def test_comfy_style_output_patch_matches_the_diffusers_processor():
-    """The contract for the ComfyUI wrapper: stock self-attention (after to_out) + boost_joint_batch on the stashed
-    norm1 output, with projections rebuilt from the checkpoint namespace, equals the diffusers processor."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+# ------------------------------------------------------------------------------- parity: ComfyUI patches vs processor
+# The ComfyUI wrapper (nodes/flipnet_patches.py) is driven exactly as ComfyUI drives it: BasicTransformerBlock.forward
+# (comfy/ldm/modules/attention.py:848-914) builds one extra_options dict per block call from transformer_options (all
+# keys but patches / patches_replace, plus n_heads, dim_head, attn_precision), computes n = norm1(x), calls every
+# attn1_patch(n, context_attn1, value_attn1, extra_options) with context = value = n, runs CrossAttention (to_q(n),
+# to_k(context), to_v(value), attention, to_out), calls every attn1_output_patch(out, extra_options) and adds x. That
+# emulation uses the weights of a diffusers Attention; the reference is the diffusers processor on the same module.
 
-    torch.manual_seed(0)
-    attn = Attention(query_dim=32, heads=4, dim_head=8).eval()
-    proc = BoostHubAttnProcessor(32, "mid_block.attentions.0.transformer_blocks.0.attn1", BoostHubState(phi=0.7))
-    proc.hub.load_state_dict(_random_hub(32, seed=3).state_dict())
-    n = torch.randn(4, 10, 32)  # joint batch: 2 input rows, 2 condition rows
+LAYERS = {  # diffusers attn1 path -> (ComfyUI block key, width, heads)
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1": (("input", 1, 0), 32, 4),
+    "mid_block.attentions.0.transformer_blocks.0.attn1": (("middle", 0, 0), 64, 8),
+}
+
+
+class _Layer(torch.nn.Module):
+    """One self-attention layer: norm1 + a diffusers Attention + its BoostHub processor (random, non-zero W_o)."""
+
+    def __init__(self, path, width, heads, seed):
+        from diffusers.models.attention_processor import Attention
+
+        super().__init__()
+        torch.manual_seed(seed)
+        self.norm1 = torch.nn.LayerNorm(width)
+        torch.nn.init.normal_(self.norm1.weight, 1.0, 0.2)
+        torch.nn.init.normal_(self.norm1.bias, 0.0, 0.2)
+        self.attn = Attention(query_dim=width, heads=heads, dim_head=width // heads, out_bias=True).eval()
+        self.state = BoostHubState()
+        self.proc = BoostHubAttnProcessor(width, path, self.state)
+        self.proc.hub.load_state_dict(_random_hub(width, seed=seed + 1).state_dict())
+        self.path, self.heads = path, heads
+
+    def diffusers(self, x):
+        """diffusers BasicTransformerBlock, self-attention half: attn1(norm1(x)) + x through the processor."""
+        return self.proc(self.attn, self.norm1(x)) + x
+
+    def comfy(self, x, transformer_options):
+        """ComfyUI BasicTransformerBlock.forward up to ``x = n + x`` (see the comment above)."""
+        patches = transformer_options.get("patches", {})
+        extra_options = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace")}
+        extra_options.update(n_heads=self.heads, dim_head=self.attn.to_q.out_features // self.heads,
+                             attn_precision=torch.float32)
+        n = self.norm1(x)
+        context_attn1 = value_attn1 = None
+        if "attn1_patch" in patches:
+            context_attn1 = n
+            value_attn1 = context_attn1
+            for patch in patches["attn1_patch"]:
+                n, context_attn1, value_attn1 = patch(n, context_attn1, value_attn1, extra_options)
+        q = self.attn.to_q(n)  # CrossAttention.forward
+        context = n if context_attn1 is None else context_attn1
+        k = self.attn.to_k(context)
+        v = self.attn.to_v(context if value_attn1 is None else value_attn1)
+        n = self.attn.to_out[0](_reference_attention(q, k, v, self.heads))
+        for patch in patches.get("attn1_output_patch", []):
+            n = patch(n, extra_options)
+        return n + x
+
+
+@pytest.fixture(scope="module")
+def layers():
+    return {path: _Layer(path, width, heads, seed=10 * i) for i, (path, (_, width, heads)) in enumerate(LAYERS.items())}
+
+
+def _comfy_patches(layers, phi):
+    """The patch objects Apply FlipNet installs, built from the checkpoint namespace (``boosthub.*`` keys)."""
+    sd = {f"{path}.{k}": v for path, layer in layers.items() for k, v in layer.proc.hub.state_dict().items()}
+    bank = patches.HubBank(boosthub.boosthub_modules_from_state_dict(sd))
+    keys = {key: path for path, (key, _, _) in LAYERS.items()}
+    return {"attn1_patch": [patches.BoostHubStash()],
+            "attn1_output_patch": [patches.BoostHubOutput(bank, keys, phi, node="BFR Apply FlipNet", source="t")]}
+
+
+def _options(key, rows, patch_dict, **flags):
+    """transformer_options as a ComfyUI UNet call hands them to a block (samplers.py + openaimodel.py + SpatialTransformer)."""
+    return {"cond_or_uncond": [1, 0], "uuids": ["u-neg", "u-pos"], "sigmas": torch.full((rows,), 2.5),
+            "sample_sigmas": torch.tensor([14.6, 2.5, 0.0]), "original_shape": [rows, 4, 8, 8],
+            "transformer_index": 0, "block": key[:2], "activations_shape": [rows, 4, 8, 8], "block_index": key[2],
+            "patches": patch_dict, **flags}
+
+
+@pytest.mark.parametrize("phi", [0.0, 1.0, 2.0])
+def test_comfy_patches_equal_the_diffusers_processor(layers, phi, record_figure):
+    """Joint batch, LQ-cache record and replay, phi 0/1/2: the ComfyUI patches fed exactly what ComfyUI feeds them
+    give the diffusers processor's numbers on random tensors (both layers, picked by ComfyUI block key)."""
+    torch.manual_seed(int(phi * 10) + 1)
+    patch_dict = _comfy_patches(layers, phi)
+    diffs = {}
     with torch.no_grad():
-        diffusers_out = proc(attn, n)
-        hubs = boosthub.boosthub_modules_from_state_dict(
-            {f"{proc.layer_name}.{k}": v for k, v in proc.hub.state_dict().items()})
-        comfy_out = boosthub.boost_joint_batch(AttnProcessor2_0()(attn, n), n, hubs[proc.layer_name], 4, 0.7)
-    assert torch.equal(diffusers_out, comfy_out)
-    assert torch.equal(diffusers_out[2:], AttnProcessor2_0()(attn, n)[2:])
+        for path, (key, width, _) in LAYERS.items():
+            layer = layers[path]
+            layer.state.phi = phi
+            rows = 4  # (uncond, cond) x 2 images of the input stream, then as many condition rows
+            x = torch.randn(2 * rows, 24, width)
+            layer.state.cache_mode = "off"
+            ref_joint = layer.diffusers(x)
+            got_joint = layer.comfy(x, _options(key, 2 * rows, patch_dict, **{patches.JOINT: 2 * rows}))
+            diffs["joint"] = max(diffs.get("joint", 0.0), (got_joint - ref_joint).abs().max().item())
+
+            layer.state.kv_cache.clear()
+            layer.state.cache_mode = "record"
+            ref_record = layer.diffusers(x[rows:])
+            store = {}
+            got_record = layer.comfy(x[rows:], _options(key, rows, patch_dict, **{patches.RECORD: store}))
+            assert set(store) == {key} and set(layer.state.kv_cache) == {path}
+            diffs["record"] = max(diffs.get("record", 0.0), (got_record - ref_record).abs().max().item(),
+                                  *((a - b).abs().max().item() for a, b in zip(store[key], layer.state.kv_cache[path])))
+
+            layer.state.cache_mode = "replay"
+            ref_replay = layer.diffusers(x[:rows])
+            got_replay = layer.comfy(x[:rows], _options(key, rows, patch_dict, **{patches.REPLAY: store}))
+            diffs["replay"] = max(diffs.get("replay", 0.0), (got_replay - ref_replay).abs().max().item())
+            layer.state.cache_mode = "off"
+
+            # what the numbers mean: condition rows plain, record = plain, replay = the joint batch's input rows
+            plain = layer.attn.to_out[0](_reference_attention(*(f(layer.norm1(x)) for f in (
+                layer.attn.to_q, layer.attn.to_k, layer.attn.to_v)), layer.heads)) + x
+            torch.testing.assert_close(got_joint[rows:], plain[rows:], atol=1e-5, rtol=0)
+            torch.testing.assert_close(got_replay, got_joint[:rows], atol=1e-5, rtol=0)
+            if phi == 0:
+                torch.testing.assert_close(got_joint, plain, atol=1e-5, rtol=0)
+            else:
+                assert (got_joint[:rows] - plain[:rows]).abs().max() > 1e-2  # BoostHub does something
+    record_figure(f"boosthub parity phi={phi:g}", ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    for case, err in diffs.items():
+        assert err <= 1e-5, (case, err)
+
+
+def _fake_unet(layer, attn1):
+    """A stand-in ComfyUI executor (APPLY_MODEL's inner call) whose only token mixing is one self-attention layer:
+    the latent, its sigma and the prompt set the tokens; ``attn1(h, transformer_options)`` is that layer."""
+    g = torch.Generator().manual_seed(99)
+    c = layer.proc.hub.hidden_size
+    w_in, w_sig = torch.randn(4, c, generator=g) / 2, torch.randn(1, 1, c, generator=g) / 4
+    w_ctx, w_out = torch.randn(16, c, generator=g) / 4, torch.randn(c, 4, generator=g) / c ** 0.5
+
+    def run(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        rows, _, hh, ww = x.shape
+        h = x.flatten(2).transpose(1, 2) @ w_in + t.view(-1, 1, 1) * w_sig
+        h = h + c_crossattn.mean(1, keepdim=True) @ w_ctx
+        opts = dict(transformer_options, original_shape=list(x.shape), transformer_index=0, block=("middle", 0),
+                    activations_shape=list(x.shape), block_index=0)
+        return (attn1(h, opts) @ w_out).transpose(1, 2).reshape(rows, 4, hh, ww)
+
+    return run
+
+
+@pytest.mark.parametrize("policy,cache", [("same", False), ("fixed", False), ("fixed", True)])
+def test_joint_batch_wrapper_with_the_patches_equals_the_processor_on_the_joint_batch(layers, policy, cache,
+                                                                                        record_figure):
+    """The APPLY_MODEL wrapper + patches (two steps, cond/uncond chunks [1, 0], one condition image for a batch of 2)
+    against the processor on the hand-built joint batch cat([x, y]) with y = condition + sigma_y * noise."""
+    path = "mid_block.attentions.0.transformer_blocks.0.attn1"
+    layer = layers[path]
+    phi = 1.5
+    layer.state.phi, layer.state.cache_mode = phi, "off"
+    patch_dict = _comfy_patches(layers, phi)
+    comfy_unet = _fake_unet(layer, lambda h, opts: layer.comfy(h, dict(opts, patches=patch_dict)))
+    diffusers_unet = _fake_unet(layer, lambda h, opts: layer.diffusers(h))
+    g = torch.Generator().manual_seed(5)
+    condition, noise = torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 4, 4, 4, generator=g)
+    sigma_y = 0.4 if policy == "fixed" else None
+    wrapper = patches.JointBatchWrapper(condition, noise, sigma_y, lq_cache=cache, node="BFR Apply FlipNet")
+    ctx = torch.randn(2, 7, 16, generator=g).repeat_interleave(2, 0)  # rows: uncond x2, cond x2
+    worst = 0.0
+    with torch.no_grad():
+        for sigma in (3.0, 1.2):  # two sampling steps: the second one replays the cache
+            x = torch.randn(4, 4, 4, 4, generator=g)
+            t = torch.full((4,), sigma)
+            opts = {"cond_or_uncond": [1, 0], "uuids": ["u-neg", "u-pos"], "sigmas": t}
+            got = wrapper(comfy_unet, x, t, None, ctx, None, opts)
+            s_y = torch.full((4,), sigma if sigma_y is None else sigma_y)
+            y = condition.expand(4, -1, -1, -1) + s_y.view(-1, 1, 1, 1) * noise.expand(4, -1, -1, -1)
+            ref = diffusers_unet(torch.cat([x, y]), torch.cat([t, s_y]), None, torch.cat([ctx, ctx]), None, {})[:4]
+            worst = max(worst, (got - ref).abs().max().item())
+            scale = ref.abs().max().item()
+            layer.state.enabled = False  # the condition stream does reach the output through BoostHub
+            without = diffusers_unet(torch.cat([x, y]), torch.cat([t, s_y]), None, torch.cat([ctx, ctx]), None, {})
+            layer.state.enabled = True
+            assert (ref - without[:4]).abs().max() > 1e-2
+    assert wrapper.condition_passes == (1 if cache else 0)
+    record_figure(f"wrapper parity {policy}{' +cache' if cache else ''}", f"{worst:.1e} (|out| max {scale:.2f})")
+    assert worst <= 1e-5
+
+
+def test_patches_reject_what_does_not_fit(layers):
+    from comfyui_bfr.nodes.helpers import NodeInputError
+
+    patch_dict = _comfy_patches(layers, 1.0)
+    layer = layers["mid_block.attentions.0.transformer_blocks.0.attn1"]
+    x = torch.randn(2, 5, 64)
+    with pytest.raises(NodeInputError, match=r"^\[BFR Apply FlipNet\] no BoostHub for self-attention block "
+                                             r"\('output', 5, 0\)"):
+        layer.comfy(x, _options(("output", 5, 0), 2, patch_dict, **{patches.JOINT: 2}))
+    with pytest.raises(NodeInputError, match=r"^\[BFR Apply FlipNet\] self-attention block \('middle', 0, 0\) .*the "
+                                             r"BoostHub LQ cache holds no K/V"):
+        layer.comfy(x, _options(("middle", 0, 0), 2, patch_dict, **{patches.REPLAY: {}}))
+    wrapper = patches.JointBatchWrapper(torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 4, 4), None, node="BFR Apply FlipNet")
+    with pytest.raises(NodeInputError, match=r"^\[BFR Apply FlipNet\] the sampled latent has batch 3 but the "
+                                             "condition IMAGE has 2 images"):
+        wrapper(lambda *a, **k: None, torch.zeros(3, 4, 4, 4), torch.ones(3), None, None, None, {})
     with pytest.raises(ValueError, match="Unexpected BoostHub key"):
         boosthub.boosthub_modules_from_state_dict({"x.attn1.w_q.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match=r"k_proj\.weight is 4x8 but q_proj\.weight is 4x4"):
+        boosthub.check_boosthub_layer("p", {"q_proj.weight": torch.zeros(4, 4), "k_proj.weight": torch.zeros(4, 8),
+                                            "v_proj.weight": torch.zeros(4, 4), "out_proj.weight": torch.zeros(4, 4),
+                                            "out_proj.bias": torch.zeros(4)})
+
+
+def test_boosthub_forward_is_the_one_dispatch():
+    """record returns the output unchanged plus K_y/V_y; replay with them equals the joint batch's input rows."""
+    hub = _random_hub(16, seed=4)
+    torch.manual_seed(2)
+    out, normed = torch.randn(4, 6, 16), torch.randn(4, 6, 16)
+    with torch.no_grad():
+        joint, none = boosthub.boosthub_forward(out, normed, hub, 2, 1.0)
+        same, kv = boosthub.boosthub_forward(out[2:], normed[2:], hub, 2, 1.0, "record")
+        replay, _ = boosthub.boosthub_forward(out[:2], normed[:2], hub, 2, 1.0, "replay", kv)
+    assert none is None and torch.equal(same, out[2:]) and torch.equal(joint[2:], out[2:])
+    torch.testing.assert_close(replay, joint[:2], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="holds no K/V"):
+        boosthub.boosthub_forward(out, normed, hub, 2, 1.0, "replay")
+    with pytest.raises(ValueError, match="cache_mode 'sometimes'"):
+        boosthub.boosthub_forward(out, normed, hub, 2, 1.0, "sometimes")
 
 
 # ------------------------------------------------------------------------------------------------ on the UNet
@@ -218,8 +424,6 @@ def test_boosthub_state_dict_round_trip_and_errors(tiny):
 
 def test_comfy_block_keys_for_sd21_base():
     """The 16 SD2.1 self-attention layers map to ComfyUI's (block, id, index) tuples (comfyui-notes §3.3/§4.1)."""
-    from comfyui_bfr.sd.convert import SD21_BASE_UNET_CONFIG
-
     paths = [f"down_blocks.{i}.attentions.{j}.transformer_blocks.0.attn1" for i in range(3) for j in range(2)]
     paths += ["mid_block.attentions.0.transformer_blocks.0.attn1"]
     paths += [f"up_blocks.{i}.attentions.{j}.transformer_blocks.0.attn1" for i in (1, 2, 3) for j in range(3)]

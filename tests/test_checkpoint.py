@@ -218,10 +218,13 @@ def test_mismatched_ranks(saved, tmp_path):
 def test_missing_and_foreign_tensors(saved, tmp_path):
     path, *_ = saved
     t = load_file(str(path))
-    boost = next(k for k in t if k.startswith("boosthub."))
-    with pytest.raises(ck.CheckpointError, match="1 missing"):
+    boost = next(k for k in t if k.startswith("boosthub.") and k.endswith(".k_proj.weight"))
+    with pytest.raises(ck.CheckpointError, match=r"x\.safetensors: BoostHub .*attn1 lacks k_proj\.weight"):
+        ck.read_flipnet_checkpoint(_rewrite(path, tmp_path / "x.safetensors", drop=(boost,)))
+    layer = boost[: -len("k_proj.weight")]  # a whole layer missing is only seen against the UNet
+    with pytest.raises(ck.CheckpointError, match="5 missing"):
         ck.apply_flipnet_checkpoint(build_micro_unet(0), ck.read_flipnet_checkpoint(
-            _rewrite(path, tmp_path / "x.safetensors", drop=(boost,))))
+            _rewrite(path, tmp_path / "x2.safetensors", drop=tuple(k for k in t if k.startswith(layer)))))
     t["vae.encoder.weight"] = torch.zeros(1)
     with pytest.raises(ck.CheckpointError, match="outside the known namespaces.*vae.encoder.weight"):
         ck.read_flipnet_checkpoint(_rewrite(path, tmp_path / "y.safetensors", tensors=t))
@@ -256,3 +259,115 @@ def test_degrade_checkpoint_has_no_face_modules(tmp_path):
     assert ckpt.mode == "degrade" and not ckpt.has_face_embedder
     with pytest.raises(ck.CheckpointError, match="degrade-mode checkpoint without a face embedder"):
         ck.build_face_modules(ckpt)
+
+
+# ------------------------------------------------------------------------------ doors: bad files, clear messages
+# The micro UNet: block_out_channels (32, 64); attention in down block 0 and up block 1 (32 wide) and the middle
+# block (64 wide); cross-attention keys/values read the 1024-wide SD2.1 text context.
+
+
+def _read_bad(saved, tmp_path, name, tensors=None, meta_update=None):
+    path, *_ = saved
+    return ck.read_flipnet_checkpoint(_rewrite(path, tmp_path / name, tensors=tensors, meta_update=meta_update))
+
+
+def test_door_lora_for_another_text_width(saved, tmp_path):
+    """(a) A LoRA down projection 768 wide (SD1.x's text width) where SD2.1's attn2.to_k reads 1024: ComfyUI's loader
+    would only log an error at merge time and leave the layer unpatched; the reader names the key, the layer and both
+    widths."""
+    t = load_file(str(saved[0]))
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    assert t[key].shape == (4, 1024)
+    t[key] = torch.zeros(4, 768)
+    with pytest.raises(ck.CheckpointError, match=(
+            r"^a768\.safetensors: LoRA down projection lora_unet_down_blocks_0_.*attn2_to_k\.lora_down\.weight is "
+            r"4x768, but the layer it targets \(down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k\) "
+            r"takes 1024-wide inputs \(the SD2\.1 text context, cross_attention_dim 1024\) \(768 is SD1\.x's")):
+        _read_bad(saved, tmp_path, "a768.safetensors", tensors=t)
+    # an up projection that does not give the block's width, and a layer the UNet does not have
+    t = load_file(str(saved[0]))
+    up = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight"
+    t[up] = torch.zeros(32, 4)
+    with pytest.raises(ck.CheckpointError, match=r"LoRA up projection .*mid_block.*is 32x4, but the layer it targets "
+                                                 r"\(mid_block\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q\) "
+                                                 r"gives 64-wide outputs"):
+        _read_bad(saved, tmp_path, "up.safetensors", tensors=t)
+    t = load_file(str(saved[0]))
+    for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+        src = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" + suffix
+        t[src.replace("down_blocks_0", "down_blocks_7")] = t[src].clone()
+    with pytest.raises(ck.CheckpointError, match=r"targets a layer this UNet does not have: the UNet has 2 down "
+                                                 r"blocks \(block_out_channels \[32, 64\]\), not down_blocks\.7"):
+        _read_bad(saved, tmp_path, "level.safetensors", tensors=t)
+
+
+def test_door_inconsistent_boosthub_shapes(saved, tmp_path):
+    """(b) BoostHub to_q 32x32 but to_k 32x64; a whole layer 64 wide in a 32-wide block."""
+    t = load_file(str(saved[0]))
+    layer = "boosthub.down_blocks.0.attentions.0.transformer_blocks.0.attn1."
+    t[layer + "k_proj.weight"] = torch.zeros(32, 64)
+    with pytest.raises(ck.CheckpointError, match=r"^kq\.safetensors: BoostHub down_blocks\.0\..*attn1: k_proj\.weight "
+                                                 r"is 32x64 but q_proj\.weight is 32x32"):
+        _read_bad(saved, tmp_path, "kq.safetensors", tensors=t)
+    t = load_file(str(saved[0]))
+    for leaf in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight"):
+        t[layer + leaf] = torch.zeros(64, 64)
+    t[layer + "out_proj.bias"] = torch.zeros(64)
+    with pytest.raises(ck.CheckpointError, match=r"BoostHub down_blocks\.0\..*attn1 is 64 wide but that "
+                                                 r"self-attention layer is 32 wide"):
+        _read_bad(saved, tmp_path, "wide.safetensors", tensors=t)
+    t = load_file(str(saved[0]))
+    t["boosthub.down_blocks.0.attentions.0.transformer_blocks.0.attn2.q_proj.weight"] = torch.zeros(32, 32)
+    with pytest.raises(ck.CheckpointError, match=r"'boosthub\.down_blocks.*attn2\.q_proj\.weight' is not "
+                                                 r"'boosthub\.<self-attention \(attn1\) path>"):
+        _read_bad(saved, tmp_path, "attn2.safetensors", tensors=t)
+
+
+def test_door_face_embedder_tensor_of_the_wrong_size(saved, tmp_path):
+    """(c) A face-encoder tensor that does not fit face_ae_config: named with both shapes, no state-dict dump."""
+    t = load_file(str(saved[0]))
+    key = "face_embedder.encoder.conv_in.weight"
+    assert t[key].shape == (32, 3, 3, 3)
+    t[key] = torch.zeros(16, 3, 3, 3)
+    with pytest.raises(ck.CheckpointError, match=r"^fe\.safetensors: face_embedder\.encoder\.conv_in\.weight is "
+                                                 r"16x3x3x3, but the stored face_ae_config .* needs 32x3x3x3") as info:
+        _read_bad(saved, tmp_path, "fe.safetensors", tensors=t)
+    assert "state_dict" not in str(info.value) and "size mismatch" not in str(info.value)
+    t = load_file(str(saved[0]))
+    t["adapter.norm.weight"] = torch.zeros(512)
+    with pytest.raises(ck.CheckpointError, match=r"adapter\.norm\.weight is 512, but the stored adapter_config .* "
+                                                 r"needs 1024"):
+        _read_bad(saved, tmp_path, "ada.safetensors", tensors=t)
+
+
+@pytest.mark.parametrize("update,match", [
+    ({"t_y": "50.5"}, r"metadata t_y is '50\.5', but it must be an integer timestep in \[0, 999\] \(e\.g\. '100'\)"),
+    ({"t_y": "fifty"}, r"metadata t_y is 'fifty', but it must be an integer timestep"),
+    ({"t_y": "1200"}, r"metadata t_y is 1200, but it must be an integer timestep in \[0, 999\]"),
+    ({"phi": "strong"}, r"metadata phi is 'strong', but it must be a finite number >= 0 \(the BoostHub enhance "
+                        r"weight"),
+    ({"phi": "nan"}, r"metadata phi is 'nan', but it must be a finite number >= 0"),
+    ({"lora_rank": "four"}, r"metadata lora_rank is 'four', but it must be an integer"),
+    ({"t_y_policy": "sometimes"}, r"metadata: t_y_policy 'sometimes' is not one of \('same', 'fixed'\)"),
+])
+def test_door_bad_numbers_in_the_metadata(saved, tmp_path, update, match):
+    """(d) t_y that is not an integer timestep, phi that is not a number: the key, the value and the rule."""
+    with pytest.raises(ck.CheckpointError, match=r"^meta\.safetensors: " + match):
+        _read_bad(saved, tmp_path, "meta.safetensors", meta_update=update)
+
+
+def test_door_unknown_face_ae_config_field(saved, tmp_path):
+    """(e) An unknown face_ae_config field was a raw TypeError from the dataclass; now it is named."""
+    with safe_open(str(saved[0]), framework="pt") as f:
+        cfg = json.loads(f.metadata()["face_ae_config"])
+    cfg["patch"] = 2
+    with pytest.raises(ck.CheckpointError, match=r"^cfg\.safetensors: metadata 'face_ae_config' has unknown "
+                                                 r"field\(s\) \['patch'\]; FaceAEConfig has \['block_out_channels'"):
+        _read_bad(saved, tmp_path, "cfg.safetensors", meta_update={"face_ae_config": json.dumps(cfg)})
+    with pytest.raises(ck.CheckpointError, match=r"metadata 'adapter_config' must be a JSON object"):
+        _read_bad(saved, tmp_path, "cfg2.safetensors", meta_update={"adapter_config": "[64, 1024]"})
+    cfg.pop("patch")
+    cfg["norm_num_groups"] = 7
+    with pytest.raises(ck.CheckpointError, match=r"metadata 'face_ae_config' is not a valid FaceAEConfig: .*multiples "
+                                                 r"of norm_num_groups=7"):
+        _read_bad(saved, tmp_path, "cfg3.safetensors", meta_update={"face_ae_config": json.dumps(cfg)})

@@ -16,7 +16,9 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from comfyui_bfr.lora import checkpoint as ck
 from comfyui_bfr.lora.face_embedder import AdapterConfig, FaceAdapter, FaceAEConfig, FaceAutoencoderPair, LQFaceEncoder
@@ -25,6 +27,7 @@ from comfyui_bfr.train.flipnet import prepare_flipnet_unet
 from comfyui_bfr.nodes import flipnet as fn
 from comfyui_bfr.nodes.helpers import NodeInputError
 from comfyui_bfr.pipelines.flipnet import FlipNetPipeline
+from comfyui_bfr.sd.vae import encode as vae_encode
 from fixtures import tiny_sd
 
 pytestmark = pytest.mark.comfy
@@ -194,8 +197,6 @@ def test_comfy_path_equals_the_diffusers_flipnet_path(comfy_models, flipnet, pip
     assert wrapper.condition_passes == (1 if cache else 0)
 
     # the condition latent is the VAE encoding of the image in model space, as the diffusers pipeline makes it
-    from comfyui_bfr.pipelines.flipnet import vae_encode
-
     torch.testing.assert_close(wrapper.condition, vae_encode(pipe.vae, image.movedim(-1, 1)), atol=2e-4, rtol=1e-3)
 
 
@@ -255,8 +256,6 @@ def test_lq_cache_equals_the_joint_batch_and_halves_the_unet_rows(comfy_models, 
 
 
 def test_apply_and_sample_leave_the_input_model_untouched(comfy_models, flipnet, tiny_checkpoint):
-    from safetensors import safe_open
-
     model, _vae = comfy_models
     pos, neg = _conds()
     latent = torch.zeros(1, 4, 4, 4)
@@ -294,7 +293,7 @@ def test_clones_share_the_patch_objects_and_weights(comfy_models, flipnet):
             assert [id(p) for p in opts["transformer_options"]["patches"][name]] == \
                 [id(p) for p in m.model_options["transformer_options"]["patches"][name]]
     out_patch = c.model_options["transformer_options"]["patches"]["attn1_output_patch"][0]
-    assert out_patch.flipnet is flipnet
+    assert out_patch.hubs is flipnet.hubs and out_patch.source == flipnet.name
     (hub_patcher,) = c.additional_models[fn.WRAPPER_KEY]
     assert hub_patcher.model is flipnet.hubs
     assert fn.joint_batch_wrapper(c) is fn.joint_batch_wrapper(m)
@@ -409,9 +408,14 @@ def test_bad_images_and_batches(comfy_models, flipnet):
     with pytest.raises(NodeInputError, match="NaN or inf"):
         _apply(comfy_models, flipnet, bad)
     m, pos, neg, _ = _apply(comfy_models, flipnet, _images(2))
-    with pytest.raises(RuntimeError, match="condition IMAGE has 2 images"):
+    # raised inside ComfyUI's sampler (the APPLY_MODEL wrapper): a NodeInputError naming the node, shown by ComfyUI
+    # as its str() (execution.py: "exception_message": "{}\n{}".format(ex, tips))
+    with pytest.raises(NodeInputError, match=r"^\[BFR Apply FlipNet\] the sampled latent has batch 3 but the "
+                                             r"condition IMAGE has 2 images; sample the LATENT output of BFR Apply "
+                                             r"FlipNet"):
         _sample(m, pos, neg, torch.zeros(3, 4, 4, 4))
-    with pytest.raises(RuntimeError, match="does not match the condition"):
+    with pytest.raises(NodeInputError, match=r"^\[BFR Apply FlipNet\] the sampled latent \(4, 8, 8\) does not match "
+                                             r"the condition"):
         _sample(m, pos, neg, torch.zeros(2, 4, 8, 8))
 
 
@@ -426,3 +430,90 @@ def test_validate_inputs():
             assert spec[1].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
         assert cls.DESCRIPTION and len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
     assert set(fn.NODE_CLASS_MAPPINGS) == {"BFRLoadFlipNet", "BFRApplyFlipNet"}
+
+
+# ---------------------------------------------------------------------------------------------- doors, errors in ComfyUI
+
+_SD15_KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+
+
+def _write_sd15_lora(src, dst):
+    """A copy of a FlipNet file whose attn2.to_k LoRA reads 768-wide contexts (SD1.x) instead of SD2.1's 1024."""
+    tensors = load_file(str(src))
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors[_SD15_KEY] = torch.zeros(tensors[_SD15_KEY].shape[0], 768)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def test_loader_node_door_names_the_file_and_the_misfit(files, tmp_path):
+    """ComfyUI's LoRA code would only log an error for a 768-wide pair at merge time and leave the layer unpatched;
+    the Load node refuses the file with the key, the layer and both widths."""
+    import folder_paths
+
+    _write_sd15_lora(files["restore"], tmp_path / "flipnet_sd15_lora.safetensors")
+    saved = copy.deepcopy(folder_paths.folder_names_and_paths.get("bfr"))
+    try:
+        fn.BFRLoadFlipNet.INPUT_TYPES()
+        folder_paths.add_model_folder_path("bfr", str(tmp_path))
+        with pytest.raises(NodeInputError, match=(
+                r"^\[BFR Load FlipNet\] flipnet_sd15_lora\.safetensors: LoRA down projection "
+                + _SD15_KEY.replace(".", r"\.") + r" is 4x768, but the layer it targets "
+                r"\(down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k\) takes 1024-wide inputs")):
+            fn.BFRLoadFlipNet().load("flipnet_sd15_lora.safetensors")
+    finally:
+        if saved is None:
+            folder_paths.folder_names_and_paths.pop("bfr", None)
+        else:
+            folder_paths.folder_names_and_paths["bfr"] = saved
+
+
+def _flipnet_prompt(checkpoint_name, flipnet_name, image_name, latent_px):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_name}},
+        "2": {"class_type": "BFRLoadFlipNet", "inputs": {"flipnet_name": flipnet_name}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": image_name}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "5": {"class_type": "BFRApplyFlipNet", "inputs": {
+            "model": ["1", 0], "flipnet": ["2", 0], "vae": ["1", 2], "image": ["3", 0], "positive": ["4", 0],
+            "negative": ["4", 0], "mode": "restore", "phi": 1.0, "t_y_policy": "fixed", "t_y": 60, "lq_cache": True,
+            "seed": 0}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": latent_px, "height": latent_px, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["5", 0], "positive": ["5", 1], "negative": ["5", 2], "latent_image": ["6", 0], "seed": 0,
+            "steps": 1, "cfg": 1.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+
+
+def test_comfyui_shows_the_node_errors(comfy_server, files, tmp_path):
+    """Through a real server: a bad file fails in BFR Load FlipNet, and an error raised while sampling (inside the
+    APPLY_MODEL wrapper) fails in KSampler -- both as NodeInputError with the words users read, nothing split."""
+    from comfyui_bfr.cli.client import PromptFailed
+
+    bfr = comfy_server.base / "models" / "bfr"
+    bfr.mkdir(parents=True, exist_ok=True)
+    (bfr / "flipnet_restore.safetensors").write_bytes(files["restore"].read_bytes())
+    _write_sd15_lora(files["restore"], bfr / "flipnet_sd15_lora.safetensors")
+    face = tmp_path / "face32.png"
+    Image.fromarray((_images(1, seed=3)[0].numpy() * 255).astype("uint8")).save(face)
+    with comfy_server.client() as client:
+        name = client.upload_image(face)
+        failures = {}
+        for case, (flipnet_name, px) in {"door": ("flipnet_sd15_lora.safetensors", SIZE),
+                                         "sampling": ("flipnet_restore.safetensors", 2 * SIZE)}.items():
+            prompt_id = client.queue(_flipnet_prompt(comfy_server.checkpoint_name, flipnet_name, name, px))
+            with pytest.raises(PromptFailed) as info:
+                client.wait(prompt_id, timeout=600)
+            failures[case] = info.value
+    door, sampling = failures["door"], failures["sampling"]
+    assert (door.node_id, door.node_type) == ("2", "BFRLoadFlipNet")
+    assert door.exception_type.endswith("NodeInputError")
+    assert door.exception_message.startswith("[BFR Load FlipNet] flipnet_sd15_lora.safetensors: LoRA down projection "
+                                             f"{_SD15_KEY} is 4x768"), door.exception_message
+    assert (sampling.node_id, sampling.node_type) == ("7", "KSampler")
+    assert sampling.exception_type.endswith("NodeInputError")
+    assert sampling.exception_message.startswith("[BFR Apply FlipNet] the sampled latent (4, 8, 8) does not match the "
+                                                 "condition image's latent (4, 4, 4)"), sampling.exception_message
