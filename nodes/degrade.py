@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 
+from ..pipelines import degradation
 from ._comfy import progress_callback
-from .helpers import NodeInputError
+from .helpers import NodeInputError, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -14,9 +15,7 @@ NODE_ID = "BFR Degrade (Classical)"  # display name; errors name the node as use
 
 
 def _preset_names() -> list[str]:
-    from ..pipelines.degradation import PRESETS
-
-    return list(PRESETS)
+    return list(degradation.PRESETS)
 
 
 def parse_overrides(node: str, text: str) -> dict:
@@ -86,8 +85,6 @@ class BFRDegradeClassical:
         }
 
     def degrade(self, image, preset, seed, backend, jpeg, overrides="", unique_id=None):
-        from ..pipelines import degradation
-
         try:
             config = degradation.get_preset(preset)
             kwargs = parse_overrides(NODE_ID, overrides)
@@ -97,10 +94,9 @@ class BFRDegradeClassical:
             if isinstance(exc, NodeInputError):
                 raise
             raise NodeInputError(NODE_ID, str(exc)) from exc
-        if image.ndim != 4:
-            raise NodeInputError(NODE_ID, f"expected an IMAGE batch (B,H,W,C), got shape {tuple(image.shape)}.")
+        rgb = to_rgb(NODE_ID, image)  # empty batch, channels, NaN/inf, 0-255 or [-1, 1] scaling: clear errors
         progress = progress_callback(1, unique_id)
-        bchw = image.movedim(-1, 1)
+        bchw = rgb.movedim(-1, 1)
         try:
             out, params = degradation.degrade(bchw, config, seed=int(seed), backend=backend, jpeg=jpeg)
         except ValueError as exc:

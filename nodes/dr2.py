@@ -2,6 +2,13 @@
 
 Thin adapters around :mod:`..pipelines.ilvr`: the same ``dr2_sample`` loop as the diffusers pipeline, run in
 ComfyUI's k-diffusion parameterization (x = x0 + sigma eps) inside a custom SAMPLER. comfy is imported lazily.
+
+Input handling (each case is a NodeInputError naming the node, the value and the fix, or a documented rule):
+IMAGE/reference through :func:`.helpers.to_rgb` (empty batch, channels, NaN/inf, 0-255 or [-1, 1] scaling);
+images above ``max_megapixels`` rejected before any work; a positive CONDITIONING whose width differs from the
+MODEL's context dim rejected; SDXL-family models get a zero pooled output in the null prompt; a pixel-space
+reference of one image is broadcast over the latent batch, another batch size is rejected; every step, VAE call
+and pixel refinement honours Cancel.
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ import logging
 import torch
 
 from ..pipelines import ilvr
-from .helpers import NodeInputError, pad_to_multiple, to_rgb
+from ._comfy import check_interrupted, sampler_callback
+from .helpers import NodeInputError, check_latent, check_megapixels, pad_to_multiple, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +42,13 @@ _STEPS_TOOLTIP = ("T: length of the respaced schedule over the model's 1000 trai
                   "every 10 steps). tau and omega count its levels; the run costs omega - tau + 1 model calls.")
 _SPACE_TOOLTIP = ("latent: Phi_N on the SD latent (cheap). pixel: decode the x0 estimate, apply Phi_N in pixels "
                   "with the paper's N, re-encode - exact DR2 semantics, one VAE round trip per step.")
+MAX_MEGAPIXELS = 4.2  # default size guard of BFR DR2 Restore: 2048x2048 (4.19 MP) passes
+_MAX_MP_TOOLTIP = ("Size guard: images above this many megapixels (per image) are rejected before any work, because "
+                   "DR2 runs the diffusion model (and in space=pixel the VAE, every step) on the whole image. The "
+                   "default 4.2 admits 2048x2048. Crop the faces first; raise it only if the device has the memory.")
+# text-encoder widths users meet, for messages that say which side to change
+_CONTEXT_NAMES = {768: "SD1.x, CLIP-L", 1024: "SD2.x, OpenCLIP-H", 1280: "SDXL refiner, OpenCLIP-G",
+                  2048: "SDXL, CLIP-L + OpenCLIP-G", 4096: "T5-XXL"}
 
 
 def _omega_value(omega_mode: str, omega: int) -> int | str:
@@ -64,15 +79,43 @@ def _static_check(node: str, **values) -> bool | str:
 
 
 def _vae_codec(vae, latent_in, latent_out):
-    """decode(model-space latent) -> (B,3,H,W) in [0,1] and encode back, through ComfyUI's VAE object."""
+    """decode(model-space latent) -> (B,3,H,W) in [0,1] and encode back, through ComfyUI's VAE object.
+
+    Cancel is honoured before every VAE call. ComfyUI's VAE falls back to its own tiled encode/decode when a
+    full-size call runs out of device memory; below the restore size guard the full-size call is the normal path.
+    """
 
     def decode(z: torch.Tensor) -> torch.Tensor:
+        check_interrupted()
         return vae.decode(latent_out(z)).movedim(-1, 1)[:, :3].float()
 
     def encode(images: torch.Tensor) -> torch.Tensor:
+        check_interrupted()
         return latent_in(vae.encode(images.clamp(0, 1).movedim(1, -1)))
 
     return decode, encode
+
+
+def match_reference(node: str, reference: torch.Tensor, latent: torch.Tensor, factor: int) -> torch.Tensor:
+    """The pixel reference (B,H,W,3) in [0,1] as (B_latent,3,H,W) for the latent batch (B_latent,C,h,w).
+
+    A batch of one reference image is used for every latent (e.g. several seeds of one face); otherwise the batch
+    sizes must match. A reference whose size is not a multiple of the VAE factor is centre-cropped exactly as
+    ComfyUI's VAEEncode crops its input; any other size mismatch is an error.
+    """
+    b, (h, w) = latent.shape[0], (latent.shape[-2] * factor, latent.shape[-1] * factor)
+    if reference.shape[0] not in (1, b):
+        raise NodeInputError(node, f"reference has {reference.shape[0]} images but latent_image has {b}: connect the "
+                                   "same images that were VAE-encoded into latent_image (or a single reference "
+                                   "image, which is used for every latent of the batch).")
+    rh, rw = reference.shape[1:3]
+    if (rh, rw) != (h, w) and (rh // factor * factor, rw // factor * factor) == (h, w):
+        top, left = (rh % factor) // 2, (rw % factor) // 2  # VAEEncode's crop (comfy.sd.VAE.vae_encode_crop_pixels)
+        reference = reference[:, top:top + h, left:left + w]
+    elif (rh, rw) != (h, w):
+        raise NodeInputError(node, f"reference image is {rw}x{rh} but latent_image decodes to {w}x{h}: connect the "
+                                   "image that was VAE-encoded into latent_image (same size, same batch).")
+    return reference.movedim(-1, 1).expand(b, -1, -1, -1)
 
 
 @torch.no_grad()
@@ -83,6 +126,7 @@ def sample_dr2(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     y = getattr(model, "latent_image", None)
     if y is None:
         raise NodeInputError(SAMPLER_ID, "no input latent: connect the encoded LQ image as latent_image.")
+    check_latent(SAMPLER_ID, y, "latent_image")
     initial = getattr(model, "noise", None)
     if initial is None:  # not called through KSAMPLER: recover the noise from x = y + sigma0 * noise
         initial = (x - y) / float(sigmas[0])
@@ -96,13 +140,14 @@ def sample_dr2(model, x, sigmas, extra_args=None, callback=None, disable=None, n
         if vae is None:
             raise NodeInputError(SAMPLER_ID, "space=pixel needs the VAE input connected (or use space=latent).")
         base = model.inner_model.inner_model
+        factor = vae.spacial_compression_encode()
         decode, encode = _vae_codec(vae, base.process_latent_in, base.process_latent_out)
-        y_pix = reference.movedim(-1, 1)[:, :3].float() if reference is not None else decode(y)
-        if y_pix.shape[-2:] != tuple(d * vae.spacial_compression_encode() for d in y.shape[-2:]):
-            raise NodeInputError(SAMPLER_ID, f"reference image {tuple(y_pix.shape[-2:])} does not match the latent "
-                                             f"{tuple(y.shape[-2:])}; pass the image that was encoded.")
-        refiner = ilvr.PixelRefiner(y_pix.to(x.device), n, decode, encode, "sigma",
-                                    vae_scale_factor=vae.spacial_compression_encode())
+        if reference is not None:
+            y_pix = match_reference(SAMPLER_ID, reference, y, factor)
+        else:
+            y_pix = decode(y)
+        refiner = ilvr.PixelRefiner(y_pix.to(x.device), n, decode, encode, "sigma", vae_scale_factor=factor,
+                                    interrupt=check_interrupted)
     else:
         refiner = ilvr.LatentRefiner(y, n, "sigma")
 
@@ -111,7 +156,8 @@ def sample_dr2(model, x, sigmas, extra_args=None, callback=None, disable=None, n
         def k_callback(i, xt, x0):
             s = sigmas[min(i, len(sigmas) - 1)]
             callback({"x": xt, "i": i, "sigma": s, "sigma_hat": s, "denoised": x0})
-    return ilvr.dr2_sample(denoise, y, sigmas, noise, refiner, "sigma", callback=k_callback).x0
+    return ilvr.dr2_sample(denoise, y, sigmas, noise, refiner, "sigma", callback=k_callback,
+                           interrupt=check_interrupted).x0
 
 
 class BFRDR2Sampler:
@@ -139,8 +185,9 @@ class BFRDR2Sampler:
             },
             "optional": {
                 "vae": ("VAE", {"tooltip": "Needed for space=pixel (decode/re-encode each step)."}),
-                "reference": ("IMAGE", {"tooltip": "space=pixel: the LQ image that was encoded (exact pixels for "
-                                                   "Phi_N). Without it the latent is decoded once instead."}),
+                "reference": ("IMAGE", {"tooltip": "space=pixel: the LQ images that were encoded (exact pixels for "
+                                                   "Phi_N), same batch as the latent; a single image is used for "
+                                                   "every latent. Without it the latent is decoded once instead."}),
             },
         }
 
@@ -159,6 +206,8 @@ class BFRDR2Sampler:
             raise NodeInputError(SAMPLER_ID, f"N must be >= 1 (got {n}).")
         if space == "pixel" and vae is None:
             raise NodeInputError(SAMPLER_ID, "space=pixel needs the VAE input connected (or use space=latent).")
+        if reference is not None:
+            reference = to_rgb(SAMPLER_ID, reference, "reference")
         options = {"n": float(n), "space": space, "vae": vae, "reference": reference}
         return (comfy.samplers.KSAMPLER(sample_dr2, extra_options=options),)
 
@@ -239,7 +288,10 @@ class BFRDR2Restore:
         "the input at every step, and the x0 prediction at tau is decoded. Removes noise, blur and JPEG "
         "artefacts at the cost of fine identity detail: larger N and tau = cleaner, smaller = more faithful. "
         "Follow it with an enhancement model (FlipNet, or a face restorer through core 'Load Upscale Model'). "
-        "Sizes that are not multiples of 8 are reflect-padded and cropped back (the LATENT keeps the padding).")
+        "Sizes that are not multiples of 8 are reflect-padded and cropped back (the LATENT keeps the padding). "
+        "Images above max_megapixels (default 4.2: 2048x2048) are rejected before any work - crop the faces "
+        "first. An optional prompt must come from the MODEL's own CLIP; SDXL models run with a zero pooled "
+        "output when no prompt is connected.")
     CATEGORY = "BFR/DR2"
     FUNCTION = "restore"
     RETURN_TYPES = ("IMAGE", "LATENT")
@@ -264,8 +316,11 @@ class BFRDR2Restore:
                                  "tooltip": "Noise seed (the diffused input and every refinement step)."}),
             },
             "optional": {
-                "positive": ("CONDITIONING", {"tooltip": "Optional prompt (e.g. 'a sharp photo of a face'). "
-                                                         "Default: null conditioning (DR2 is unconditional)."}),
+                "positive": ("CONDITIONING", {"tooltip": "Optional prompt (e.g. 'a sharp photo of a face'), encoded "
+                                                         "with the CLIP of the MODEL's checkpoint. Default: null "
+                                                         "conditioning (DR2 is unconditional)."}),
+                "max_megapixels": ("FLOAT", {"default": MAX_MEGAPIXELS, "min": 0.01, "max": 1024.0, "step": 0.1,
+                                             "tooltip": _MAX_MP_TOOLTIP}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -275,8 +330,9 @@ class BFRDR2Restore:
         return _static_check(RESTORE_ID, n=n, tau=tau, omega_mode=omega_mode, omega=omega, steps=steps,
                              space=space)
 
+    @torch.no_grad()
     def restore(self, model, vae, image, n, tau, omega_mode, omega, steps, space, seed, positive=None,
-                unique_id=None):
+                max_megapixels=MAX_MEGAPIXELS, unique_id=None):
         import comfy.sample
         import comfy.samplers
 
@@ -285,47 +341,89 @@ class BFRDR2Restore:
         if not isinstance(factor, int):
             raise NodeInputError(RESTORE_ID, "this VAE is not an image VAE with an integer downscale factor.")
         image = prepare_image(RESTORE_ID, image)
-        padded, (h, w) = pad_to_multiple(image, factor)
+        check_megapixels(RESTORE_ID, image, max_megapixels, "BFR DR2 Restore runs the diffusion model on the whole "
+                         "image at every step (and in space=pixel a VAE round trip per step).")
         sigmas = _model_sigmas(RESTORE_ID, model, n, tau, omega_mode, omega, steps)
-        cond = positive if positive is not None else null_conditioning(RESTORE_ID, model)
+        cond = (check_conditioning(RESTORE_ID, model, positive) if positive is not None
+                else null_conditioning(RESTORE_ID, model))
+        padded, (h, w) = pad_to_multiple(image, factor)
+        check_interrupted()
         latent = vae.encode(padded)
+        check_interrupted()
         sampler = comfy.samplers.KSAMPLER(sample_dr2, extra_options={
             "n": float(n), "space": space, "vae": vae, "reference": padded})
         noise = comfy.sample.prepare_noise(latent, int(seed))
-        callback = _progress(model, len(sigmas), unique_id)
+        callback = sampler_callback(model, len(sigmas), unique_id)
         logger.info("DR2 restore: %d image(s) %dx%d, N=%s tau=%d omega=%s steps=%d space=%s",
                     image.shape[0], w, h, n, tau, omega if omega_mode == "explicit" else omega_mode, steps, space)
         samples = comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, cond, cond, latent,
                                              callback=callback, disable_pbar=True, seed=int(seed))
+        check_interrupted()
         out = vae.decode(samples)[:, :h, :w, :3].clamp(0, 1)
         return (out, {"samples": samples})
 
 
+def _model_config(model):
+    return getattr(getattr(model, "model", None), "model_config", None)
+
+
+def _context_dim(model) -> int | None:
+    dim = (getattr(_model_config(model), "unet_config", None) or {}).get("context_dim")
+    return int(dim) if dim else None
+
+
+def _describe(width: int) -> str:
+    name = _CONTEXT_NAMES.get(int(width))
+    return f"{width} wide ({name})" if name else f"{width} wide"
+
+
+def _needs_pooled(model) -> bool:
+    """SDXL-family models build their ADM vector from the prompt's pooled output (comfy.model_base.sdxl_pooled)."""
+    import comfy.model_base as mb
+
+    return isinstance(getattr(model, "model", None), (mb.SDXL, mb.SDXLRefiner))
+
+
+_POOLED_WIDTH = 1280  # OpenCLIP-G pooled output, what SDXL and the SDXL refiner read
+
+
+def check_conditioning(node: str, model, positive):
+    """The positive CONDITIONING must fit the MODEL: token width == context dim, a pooled output for SDXL."""
+    if not isinstance(positive, list) or not positive:
+        raise NodeInputError(node, "positive is not a CONDITIONING (a non-empty list of [tensor, options]); connect "
+                                   "CLIPTextEncode, or disconnect it to use DR2's null prompt.")
+    dim = _context_dim(model)
+    model_name = type(_model_config(model)).__name__
+    pooled = _needs_pooled(model)
+    for entry in positive:
+        tensor = entry[0] if isinstance(entry, (list, tuple)) and entry else None
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
+            raise NodeInputError(node, "positive CONDITIONING holds no [B, tokens, width] tensor; connect "
+                                       "CLIPTextEncode, or disconnect it to use DR2's null prompt.")
+        width = int(tensor.shape[-1])
+        if dim is not None and width != dim:
+            raise NodeInputError(node, f"positive CONDITIONING is {_describe(width)} but this MODEL ({model_name}) "
+                                       f"expects {_describe(dim)}: encode the prompt with the CLIP of the MODEL's "
+                                       "own checkpoint (the same CheckpointLoader), or load the MODEL that matches "
+                                       "the prompt's CLIP, or disconnect positive to use DR2's null prompt.")
+        options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+        if pooled and options.get("pooled_output") is None:
+            raise NodeInputError(node, f"this MODEL ({model_name}) needs the prompt's pooled output, which the "
+                                       "positive CONDITIONING lacks: encode it with CLIPTextEncode on the SDXL "
+                                       "checkpoint's CLIP, or disconnect positive to use DR2's null prompt.")
+    return positive
+
+
 def null_conditioning(node: str, model):
-    """[[zeros(1, 77, context_dim), {}]]: the unconditional input for models without CLIP wiring."""
-    cfg = getattr(model.model, "model_config", None)
-    dim = (getattr(cfg, "unet_config", None) or {}).get("context_dim")
+    """[[zeros(1, 77, context_dim), {}]]: the unconditional input for models without CLIP wiring.
+
+    SDXL-family models also get a zero pooled output (their ADM input), so DR2 runs on them without a prompt."""
+    dim = _context_dim(model)
     if not dim:
         raise NodeInputError(node, "cannot build a null prompt for this model (no context_dim); connect a "
                                    "'positive' CONDITIONING from CLIPTextEncode.")
-    return [[torch.zeros(1, 77, int(dim)), {}]]
-
-
-def _progress(model, total: int, node_id):
-    """Sampler callback: ProgressBar + latent previews (latent_preview when available), Cancel via the hook."""
-    try:
-        import latent_preview
-
-        inner = latent_preview.prepare_callback(model, total)
-
-        def callback(step, x0, x, _total):
-            inner(step, x0, x, total)
-        return callback
-    except Exception:  # ComfyUI's top-level modules are not importable (unit tests): plain progress
-        from ._comfy import progress_callback
-
-        progress = progress_callback(total, node_id)
-        return lambda step, x0, x, _total: progress(step + 1)
+    options = {"pooled_output": torch.zeros(1, _POOLED_WIDTH)} if _needs_pooled(model) else {}
+    return [[torch.zeros(1, 77, dim), options]]
 
 
 NODE_CLASS_MAPPINGS = {"BFRDR2Sampler": BFRDR2Sampler, "BFRDR2Sigmas": BFRDR2Sigmas, "BFRDR2Restore": BFRDR2Restore}

@@ -27,7 +27,7 @@ import torch.nn as nn
 from ..lora import boosthub as bh
 from ..lora.checkpoint import FLIPNET_MODES, SD2_CONTEXT_DIM, CheckpointError, build_face_modules, read_flipnet_checkpoint
 from ..lora.face_embedder import append_face_tokens, face_tokens
-from ._comfy import BFR_FOLDER, intermediate_device, register_model_folder, torch_device
+from ._comfy import BFR_FOLDER, intermediate_device, model_files, register_model_folder, torch_device
 from .flipnet_patches import BoostHubOutput, BoostHubStash, HubBank, JointBatchWrapper
 from .helpers import NodeInputError, to_rgb
 
@@ -118,14 +118,7 @@ class BFRLoadFlipNet:
 
     @classmethod
     def INPUT_TYPES(cls):
-        names = []
-        try:
-            import folder_paths
-
-            register_model_folder()
-            names = folder_paths.get_filename_list(BFR_FOLDER)
-        except Exception:  # outside ComfyUI: no folder list
-            names = []
+        names = model_files(BFR_FOLDER)  # weight files only; an empty list outside ComfyUI
         return {
             "required": {
                 "flipnet_name": (names, {"tooltip": "FlipNet .safetensors in models/bfr (bfr_format flipnet/1), "

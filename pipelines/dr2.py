@@ -1,7 +1,8 @@
 """DR2 on a diffusers SD model (CLI, evaluation): the same loop as the ComfyUI sampler, DDPM parameterization.
 
-``restore(model, images, DR2Config(...))`` encodes the degraded images, runs :func:`.ilvr.dr2_sample` with the
-UNet as eps_theta(x_t, t) and returns the decoded x0-hat at tau (DR2 §3.3, Eq. 9-11) plus its latents. No comfy.
+``restore(model, images, DR2Config(...))`` encodes the degraded images (B,3,H,W) in [0, 1] through the one VAE
+codec (:mod:`..sd.vae`), runs :func:`.ilvr.dr2_sample` with the UNet as eps_theta(x_t, t) and returns the decoded
+x0-hat at tau (DR2 §3.3, Eq. 9-11), images in [0, 1], plus its model-space latents. No comfy.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def restore(model: SDModel, images: torch.Tensor, config: DR2Config, *, context:
     """DR2 on images (B,3,H,W) in [0, 1]; sizes that are not multiples of 8 are reflect-padded and cropped back."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"DR2 expects images of shape (B, 3, H, W), got {tuple(images.shape)}; convert to RGB.")
+    if images.shape[0] == 0:
+        raise ValueError("DR2 got an empty batch (0 images); pass at least one image.")
     if not torch.isfinite(images).all():
         raise ValueError("DR2 input contains NaN or inf pixels; fix the image before restoring it.")
     config.validate()

@@ -283,25 +283,30 @@ class LatentRefiner:
 
 
 class PixelRefiner:
-    """Eq. 10 with Phi_N on images. x_{t-1} = a x0 + n and y_{t-1} = a y + b eps split Eq. 10 (linear) into
+    """Eq. 10 with Phi_N on images in [0, 1]. x_{t-1} = a x0 + n and y_{t-1} = a y + b eps split Eq. 10 (linear) into
 
     clean: Phi_N(y) + (I - Phi_N)(D(x0)) in pixels, re-encoded (one VAE round trip per step), and
     noise: Phi_{N/f}(b eps) + (I - Phi_{N/f})(n) on the latent grid (f = VAE factor; N/f < 1 -> fresh noise).
 
-    ``decode(latent) -> image`` and ``encode(image) -> latent`` must agree on the image range of ``y_pixels``.
+    ``y_pixels`` (B,3,H,W) is the degraded input in [0, 1]; ``decode(latent)`` must return images in [0, 1] and
+    ``encode(image)`` take them (the convention of ``sd.vae`` and of ComfyUI's VAE). ``interrupt()`` is called
+    between the decode and the encode of every step (it raises to cancel).
     """
 
     def __init__(self, y_pixels: torch.Tensor, n: float, decode: Callable[[torch.Tensor], torch.Tensor],
                  encode: Callable[[torch.Tensor], torch.Tensor], parameterization: Parameterization,
-                 vae_scale_factor: int = VAE_SCALE_FACTOR):
+                 vae_scale_factor: int = VAE_SCALE_FACTOR, interrupt: Callable[[], None] | None = None):
         self.n, self.parameterization = float(n), parameterization
         self.decode, self.encode = decode, encode
+        self.interrupt = interrupt
         self.y_low = lowpass(y_pixels, self.n)  # Phi_N(y) is the same every step
         self.noise_n = max(1.0, self.n / vae_scale_factor)
 
     def refine_clean(self, x0: torch.Tensor) -> torch.Tensor:
         """Phi_N(y) + (I - Phi_N)(D(x0)), encoded back to a latent."""
         image = self.decode(x0)
+        if self.interrupt is not None:
+            self.interrupt()
         y_low = self.y_low.to(image.device, image.dtype)
         return self.encode(y_low + image - lowpass(image, self.n)).to(x0.device, x0.dtype)
 
@@ -357,11 +362,13 @@ class DR2Result:
 
 def dr2_sample(denoise: Denoiser, y: torch.Tensor, sigmas: Sequence[float] | torch.Tensor, noise: DR2Noise,
                refiner: Refiner, parameterization: Parameterization,
-               callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> DR2Result:
+               callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+               interrupt: Callable[[], None] | None = None) -> DR2Result:
     """DR2 §3.3: x_omega := y_omega (Eq. 9); per transition, a DDPM step then Eq. 10; x0-hat at tau (Eq. 11).
 
     ``sigmas`` run from sigma_omega down to sigma_tau; the model is evaluated len(sigmas) times (the last one at
-    tau gives the output). ``callback(i, x, x0)`` is called after each evaluation (progress, preview, Cancel).
+    tau gives the output). ``callback(i, x, x0)`` is called after each evaluation (progress, preview);
+    ``interrupt()`` before each model evaluation and before each refinement (it raises to cancel the run).
     """
     levels = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
     if len(levels) < 2 or any(b >= a for a, b in zip(levels, levels[1:])):
@@ -369,15 +376,19 @@ def dr2_sample(denoise: Denoiser, y: torch.Tensor, sigmas: Sequence[float] | tor
             f"DR2 needs at least two strictly decreasing sigmas (omega > tau), got {levels[:4]}...; build them with "
             "the BFR DR2 Sigmas node / make_schedule.")
     x = diffuse(y, noise.initial.to(y.device, y.dtype), levels[0], parameterization)
+    check = interrupt if interrupt is not None else (lambda: None)
     for i, (s, s_next) in enumerate(zip(levels, levels[1:])):
+        check()
         x0 = denoise(x, s, i)
         z, eps = noise.step(x)
         x = ancestral_step(x, x0, s, s_next, z, parameterization)
         if s_next > 0:
+            check()
             x = refiner(x, x0, eps, s_next)
         if callback is not None:
             callback(i, x, x0)
     last = len(levels) - 1
+    check()
     x0 = denoise(x, levels[-1], last) if levels[-1] > 0 else x
     if callback is not None:
         callback(last, x, x0)

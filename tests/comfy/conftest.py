@@ -160,10 +160,22 @@ def tiny_checkpoint() -> Path:
     return cached_comfy_checkpoint(seed=0)
 
 
+EXTRA_MODELS = "extra_models"  # <base>/extra_models/bfr: a 'bfr' folder from extra_model_paths.yaml
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory, tiny_checkpoint):
-    """A headless ComfyUI on CPU with this pack in custom_nodes and the tiny checkpoint (see server.py)."""
+    """A headless ComfyUI on CPU with this pack in custom_nodes and the tiny checkpoint (see server.py).
+
+    It also reads an ``extra_model_paths.yaml`` with a ``bfr`` entry (``<base>/extra_models/bfr``), as users
+    configure shared model folders, so that the pack's ``models/bfr`` registration is tested to extend it."""
     # Loaded by path: ComfyUI's own top-level ``server`` module shadows the name on sys.path.
     server = load_server_module()
-    with server.comfy_server_session(tmp_path_factory.mktemp("comfy_base"), checkpoint=tiny_checkpoint) as srv:
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / EXTRA_MODELS / "bfr").mkdir(parents=True)
+    yaml_path = base / "extra_model_paths.yaml"
+    yaml_path.write_text(f"bfr_tests:\n    base_path: {base / EXTRA_MODELS}\n    bfr: bfr/\n")
+    with server.comfy_server_session(base, checkpoint=tiny_checkpoint,
+                                     extra_args=["--extra-model-paths-config", str(yaml_path)]) as srv:
+        srv.extra_model_dirs["bfr"] = base / EXTRA_MODELS / "bfr"
         yield srv

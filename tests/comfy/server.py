@@ -70,6 +70,7 @@ class ComfyServer:
     checkpoint_name: str | None
     startup_seconds: float = 0.0
     node_ids: list[str] = field(default_factory=list)
+    extra_model_dirs: dict[str, Path] = field(default_factory=dict)  # folder name -> a dir from extra_model_paths
 
     @property
     def input_dir(self) -> Path:

@@ -188,3 +188,172 @@ def test_flow_models_are_rejected(comfy_models):
     m.add_object_patch("model_sampling", Flow())
     with pytest.raises(NodeInputError, match="not a discrete DDPM schedule"):
         dr2_nodes.BFRDR2Sigmas().get_sigmas(m, 2.0, 3, **FAST)
+
+
+# ------------------------------------------------------------------------------------- doors: inputs that used to
+# crash or be silently wrong, each now a clear NodeInputError (or a documented rule) — design.md §8
+def _tiny_model(config_cls, **unet):
+    """A tiny ComfyUI model of another family (SD1.5, SDXL), bypassing detection, random weights from a seed."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    config = dict(image_size=32, use_spatial_transformer=True, legacy=False, in_channels=4, out_channels=4,
+                  model_channels=64, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],
+                  transformer_depth_output=[1, 1], transformer_depth_middle=1, use_temporal_resblock=False,
+                  use_temporal_attention=False, use_checkpoint=False, num_heads=-1, num_head_channels=64,
+                  adm_in_channels=None)
+    config.update(unet)
+    model_config = config_cls(config)
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({})
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in sorted(base.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05 + (1.0 if "norm" in name and name.endswith("weight")
+                                                                    else 0.0))
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+@pytest.fixture(scope="module")
+def sd15_model():
+    import comfy.supported_models as sm
+
+    return _tiny_model(sm.SD15, context_dim=768, use_linear_in_transformer=False, num_heads=8, num_head_channels=-1)
+
+
+@pytest.fixture(scope="module")
+def sdxl_model():
+    import comfy.supported_models as sm
+
+    return _tiny_model(sm.SDXL, context_dim=2048, adm_in_channels=2816, num_classes="sequential",
+                       use_linear_in_transformer=True)
+
+
+class _RecordingVAE:
+    """A ComfyUI VAE that records its encode/decode calls and can run a hook on a decode."""
+
+    def __init__(self, vae, on_decode=None):
+        self.vae, self.on_decode, self.calls = vae, on_decode, []
+
+    def spacial_compression_encode(self):
+        return self.vae.spacial_compression_encode()
+
+    def encode(self, pixels):
+        self.calls.append("encode")
+        return self.vae.encode(pixels)
+
+    def decode(self, samples):
+        self.calls.append("decode")
+        if self.on_decode is not None:
+            self.on_decode(self.calls.count("decode"))
+        return self.vae.decode(samples)
+
+
+def test_empty_and_wrongly_scaled_images_are_clear_errors(comfy_models, face):
+    with pytest.raises(NodeInputError, match=r"\[BFR DR2 Restore\] the IMAGE batch is empty \(0 images\)"):
+        run_restore(comfy_models, face[:0])
+    with pytest.raises(NodeInputError, match=r"\[BFR DR2 Restore\] IMAGE values go up to .* 0-255 scaled.*"
+                                             r"divide by 255 upstream"):
+        run_restore(comfy_models, face * 255.0)
+    with pytest.raises(NodeInputError, match=r"\[BFR DR2 Restore\] IMAGE has negative values.*\(x \+ 1\) / 2"):
+        run_restore(comfy_models, face * 2.0 - 1.0)
+
+
+def test_size_guard_rejects_before_any_work(comfy_models, face):
+    model, vae = comfy_models
+    recording = _RecordingVAE(vae)
+    with pytest.raises(NodeInputError, match=r"\[BFR DR2 Restore\] IMAGE is 64x64 = 0\.0041 megapixels per image, "
+                                             r"above max_megapixels=0\.004.*Crop the faces first"):
+        run_restore((model, recording), face, max_megapixels=0.004)  # 64 * 64 = 0.0041 MP
+    assert recording.calls == []  # rejected before the VAE (or the model) ran
+    image, _ = run_restore((model, recording), face, max_megapixels=0.0041)
+    assert image.shape == face.shape
+    torch.testing.assert_close(image, run_restore(comfy_models, face)[0])  # default guard: 4.2 MP
+
+
+def test_cancel_during_pixel_refinement_stops_before_the_next_vae_call(comfy_models, face):
+    import comfy.model_management as mm
+
+    model, vae = comfy_models
+
+    def press_cancel(n_decodes):
+        if n_decodes == 2:
+            mm.interrupt_current_processing(True)
+
+    recording = _RecordingVAE(vae, on_decode=press_cancel)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run_restore((model, recording), face, n=8.0, space="pixel")
+    finally:
+        mm.interrupt_current_processing(False)
+    # encode (input), then per step decode -> encode; Cancel during the 2nd step's decode stops it right there
+    assert recording.calls == ["encode", "decode", "encode", "decode"], recording.calls
+
+
+def _sampler_run(comfy_models, latent_images, reference, seed=4):
+    from comfy_extras import nodes_custom_sampler as ncs
+
+    model, vae = comfy_models
+    latent = {"samples": vae.encode(latent_images)}
+    (sigmas,) = dr2_nodes.BFRDR2Sigmas().get_sigmas(model, 8.0, 3, **FAST)
+    (sampler,) = dr2_nodes.BFRDR2Sampler().get_sampler(8.0, "pixel", vae=vae, reference=reference)
+    noise = ncs.RandomNoise.execute(noise_seed=seed).result[0]
+    guider = ncs.BasicGuider.execute(model=model, conditioning=dr2_nodes.null_conditioning("test", model)).result[0]
+    return ncs.SamplerCustomAdvanced.execute(noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                                             latent_image=latent).result[0]["samples"]
+
+
+def test_sampler_reference_batch_must_match_the_latent_or_be_one(comfy_models, face):
+    pair = torch.cat([face, face.flip(2)])
+    with pytest.raises(NodeInputError, match=r"\[BFR DR2 Sampler\] reference has 2 images but latent_image has 1"):
+        _sampler_run(comfy_models, face, pair)
+    twice = torch.cat([face, face])
+    broadcast = _sampler_run(comfy_models, twice, face)  # one reference image for every latent
+    explicit = _sampler_run(comfy_models, twice, twice)
+    assert broadcast.shape[0] == 2
+    torch.testing.assert_close(broadcast, explicit, atol=0, rtol=0)
+
+
+def test_sampler_reference_is_cropped_like_vae_encode(comfy_models, face):
+    odd = face[:, :60, :52]  # VAEEncode centre-crops this to 56x48
+    cropped = odd[:, 2:58, 2:50]
+    torch.testing.assert_close(_sampler_run(comfy_models, odd, odd), _sampler_run(comfy_models, odd, cropped),
+                               atol=0, rtol=0)
+    with pytest.raises(NodeInputError, match=r"reference image is 40x40 but latent_image decodes to 48x56"):
+        _sampler_run(comfy_models, odd, face[:, :40, :40])
+    with pytest.raises(NodeInputError, match=r"\[BFR DR2 Sampler\] reference values go up to"):
+        _sampler_run(comfy_models, odd, odd * 255.0)
+
+
+def test_prompt_width_must_match_the_model(comfy_models, sd15_model, face):
+    sd2_prompt = [[torch.zeros(1, 77, 1024), {"pooled_output": torch.zeros(1, 1024)}]]
+    sd15_prompt = [[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]]
+    _model, vae = comfy_models
+    with pytest.raises(NodeInputError, match=r"\[BFR DR2 Restore\] positive CONDITIONING is 1024 wide \(SD2\.x, "
+                                             r"OpenCLIP-H\) but this MODEL \(SD15\) expects 768 wide \(SD1\.x, "
+                                             r"CLIP-L\): encode the prompt with the CLIP of the MODEL's own"):
+        run_restore((sd15_model, vae), face, positive=sd2_prompt)
+    with pytest.raises(NodeInputError, match=r"768 wide \(SD1\.x, CLIP-L\) but this MODEL \(SD20\) expects 1024"):
+        run_restore(comfy_models, face, positive=sd15_prompt)
+    image, _ = run_restore((sd15_model, vae), face, positive=sd15_prompt)  # the matching pair runs
+    assert image.shape == face.shape and torch.isfinite(image).all()
+    torch.testing.assert_close(run_restore(comfy_models, face, positive=sd2_prompt)[0],
+                               run_restore(comfy_models, face)[0])  # a zero prompt equals the null prompt
+
+
+def test_sdxl_model_runs_with_a_zero_pooled_null_prompt(comfy_models, sdxl_model, face):
+    _model, vae = comfy_models
+    image, latent = run_restore((sdxl_model, vae), face)
+    assert image.shape == face.shape and torch.isfinite(image).all() and image.std() > 1e-3
+    cond = dr2_nodes.null_conditioning("test", sdxl_model)
+    assert cond[0][0].shape == (1, 77, 2048) and cond[0][1]["pooled_output"].shape == (1, 1280)
+    with_pooled = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
+    torch.testing.assert_close(run_restore((sdxl_model, vae), face, positive=with_pooled)[1]["samples"],
+                               latent["samples"])  # the explicit zero prompt is the null prompt
+    with pytest.raises(NodeInputError, match=r"this MODEL \(SDXL\) needs the prompt's pooled output.*"
+                                             r"CLIPTextEncode on the SDXL checkpoint's CLIP"):
+        run_restore((sdxl_model, vae), face, positive=[[torch.zeros(1, 77, 2048), {}]])
+    with pytest.raises(NodeInputError, match=r"1024 wide \(SD2\.x, OpenCLIP-H\) but this MODEL \(SDXL\) expects "
+                                             r"2048 wide"):
+        run_restore((sdxl_model, vae), face, positive=[[torch.zeros(1, 77, 1024), {}]])

@@ -7,6 +7,7 @@ checkpoint (tests/fixtures/tiny_sd.py) and every LoadImage at an uploaded 128 px
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,75 @@ def test_dr2_restore_and_sampler_workflows_give_the_same_image(comfy_server, obj
             reseeded[nid]["inputs"][k] = 12345
         c = _run_and_load(client, reseeded, tmp_path / "c")
         assert np.abs(a[0] - c[0]).mean() > 0.05, "another seed must change the result"
+
+
+# ------------------------------------------------------------------ doors through the real server (design.md §8)
+def _restore_graph(ckpt: str, width: int, height: int, **restore) -> dict:
+    """CheckpointLoaderSimple + EmptyImage -> BFR DR2 Restore -> PreviewImage."""
+    params = dict(n=2.0, tau=3, omega_mode="auto", omega=60, steps=20, space="latent", seed=0)
+    params.update(restore)
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": width, "height": height, "batch_size": 1,
+                                                     "color": 0x7F6A5A}},
+        "3": {"class_type": "BFRDR2Restore", "inputs": {"model": ["1", 0], "vae": ["1", 2], "image": ["2", 0],
+                                                        **params}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+    }
+
+
+def test_huge_image_is_rejected_at_once_and_the_server_keeps_working(comfy_server):
+    """A 4096x4096 IMAGE into BFR DR2 Restore used to run for minutes at 15 GB and ignore Cancel; the size guard
+    rejects it before any work, with the fix in the message."""
+    from comfyui_bfr.cli.client import PromptFailed
+
+    ckpt = comfy_server.checkpoint_name
+    with ComfyClient(comfy_server.url) as client:
+        t0 = time.monotonic()
+        prompt_id = client.queue(_restore_graph(ckpt, 4096, 4096, steps=4, tau=1, omega_mode="explicit", omega=3))
+        with pytest.raises(PromptFailed) as info:
+            client.wait(prompt_id, timeout=120)
+        elapsed = time.monotonic() - t0
+        assert info.value.node_type == "BFRDR2Restore", info.value
+        message = info.value.exception_message
+        assert "[BFR DR2 Restore] IMAGE is 4096x4096 = 16.8 megapixels per image, above max_megapixels=4.2" \
+            in message, message
+        assert "Crop the faces first" in message, message
+        assert elapsed < 60, f"the guard took {elapsed:.0f} s"
+        client.wait(client.queue(_restore_graph(ckpt, 64, 64, seed=1)), timeout=PROMPT_TIMEOUT_S)  # still serving
+
+
+def test_interrupt_stops_a_long_dr2_restore_and_the_next_prompt_runs(comfy_server):
+    """POST /interrupt during a long pixel-space DR2 run (1000 steps, a VAE round trip each) ends it within a step
+    or two; the queue then runs the next prompt normally."""
+    from comfyui_bfr.cli.client import PromptFailed
+
+    ckpt = comfy_server.checkpoint_name
+    long_run = _restore_graph(ckpt, 256, 256, n=8.0, tau=0, omega_mode="explicit", omega=999, steps=1000,
+                              space="pixel", seed=5)
+    marker = "DR2 restore: 1 image(s) 256x256"
+
+    def started() -> int:
+        return comfy_server.log_path.read_text(encoding="utf-8", errors="replace").count(marker)
+
+    with ComfyClient(comfy_server.url) as client:
+        before = started()
+        prompt_id = client.queue(long_run)
+        deadline = time.monotonic() + 300
+        while started() == before:
+            assert time.monotonic() < deadline, "the long DR2 run never started sampling"
+            assert client.history(prompt_id) is None, "the long DR2 run ended before it could be interrupted"
+            time.sleep(0.2)
+        time.sleep(2.0)  # well inside the step loop (1000 steps take minutes on this CPU)
+        assert client.history(prompt_id) is None, "the long DR2 run ended before it could be interrupted"
+        t0 = time.monotonic()
+        client.interrupt()
+        with pytest.raises(PromptFailed) as info:
+            client.wait(prompt_id, timeout=120)
+        stopped = time.monotonic() - t0
+        assert info.value.interrupted and info.value.node_type == "BFRDR2Restore", info.value
+        assert stopped < 20, f"Cancel took {stopped:.1f} s to stop the run"
+        next_id = client.queue(_restore_graph(ckpt, 64, 64, seed=2))
+        entry = client.wait(next_id, timeout=PROMPT_TIMEOUT_S)
+        assert entry["status"]["status_str"] == "success"
+        assert client.outputs(next_id), "the next prompt produced no image"
