@@ -24,25 +24,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT.parent) not in sys.path:
-    sys.path.insert(0, str(ROOT.parent))
-try:
-    from comfyui_bfr.pipelines import degradation as D
-    from comfyui_bfr.pipelines.degrade_folder import degrade_folder
-except ImportError:  # not pip-installed: import the repo root as the package
-    import importlib.util
+from common import loadavg, require_pack
 
-    spec = importlib.util.spec_from_file_location("comfyui_bfr", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_bfr"] = pkg
-    spec.loader.exec_module(pkg)
-    from comfyui_bfr.pipelines import degradation as D
-    from comfyui_bfr.pipelines.degrade_folder import degrade_folder
+D, folder_tool, image_io, sample_data = require_pack("pipelines.degradation", "pipelines.degrade_folder",
+                                                    "pipelines.image_io", "pipelines.sample_data")
 
+BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 SECTION = "## Classical degradation"
 
 
@@ -76,12 +64,6 @@ def reference_chain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ timing helpers
-def face(size: int) -> np.ndarray:
-    from skimage import data
-
-    return np.asarray(Image.fromarray(data.astronaut()[20:260, 110:350]).resize((size, size), Image.BICUBIC))
-
-
 def paired(case, ref, rounds: int) -> tuple[float, float, float, float]:
     """(case, ref) items per wall-second and per CPU-second, from callables returning (items, wall_s, cpu_s) run
     alternately ``rounds`` times so both see the same machine load (this machine is shared)."""
@@ -115,7 +97,7 @@ class _Threads:
 
 
 def bench(size: int, batch: int, workers: int, rounds: int, folder_images: int, per_image: int) -> list:
-    hq = face(size)
+    hq = sample_data.sample_face(size)
     imgs = [np.ascontiguousarray(np.roll(hq, 7 * i, axis=1)) for i in range(batch)]
     f32 = [i.astype(np.float32) / 255 for i in imgs]
     x = torch.stack([torch.from_numpy(i).permute(2, 0, 1) for i in f32])
@@ -152,7 +134,7 @@ def bench(size: int, batch: int, workers: int, rounds: int, folder_images: int, 
         src = Path(tmp) / "hq"
         src.mkdir()
         for i in range(folder_images):
-            Image.fromarray(np.roll(hq, 5 * i, axis=0)).save(src / f"{i:05d}.png")
+            image_io.save_png(src / f"{i:05d}.png", np.roll(hq, 5 * i, axis=0))
 
         def ref_io():
             t0, c0 = time.perf_counter(), time.process_time()
@@ -172,7 +154,7 @@ def bench(size: int, batch: int, workers: int, rounds: int, folder_images: int, 
             def folder(n_workers=n_workers, steady=steady):
                 stamps = []
                 t0, c0 = time.perf_counter(), time.process_time()
-                s = degrade_folder(src, Path(tmp) / f"out{next(runs)}", preset="dr-bfr", per_image=per_image,
+                s = folder_tool.degrade_folder(src, Path(tmp) / f"out{next(runs)}", preset="dr-bfr", per_image=per_image,
                                    workers=n_workers, progress=lambda done, total: stamps.append(time.perf_counter()))
                 wall = time.perf_counter() - t0
                 main_cpu = time.process_time() - c0
@@ -233,9 +215,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.batch, args.rounds, args.folder_images, args.per_image = 256, 4, 2, 8, 2
-    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load0 = loadavg()[0]
     rows = bench(args.size, args.batch, args.workers, args.rounds, args.folder_images, args.per_image)
-    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load1 = loadavg()[0]
     cmd = "python bench/degradation.py" + (" --quick" if args.quick else "") + (" --write" if args.write else "")
     header = (f"{SECTION}\n\n`{cmd}` — {args.size} px, batch {args.batch}, preset `dr-bfr` (= the reference's "
               f"GFPGAN ranges), {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
@@ -248,7 +230,7 @@ def main(argv=None) -> int:
     text = table(rows, header)
     print(text)
     if args.write:
-        write_section(ROOT / "BENCHMARKS.md", text)
+        write_section(BENCHMARKS_MD, text)
     return 0
 
 

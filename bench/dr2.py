@@ -1,6 +1,6 @@
 """DR2 refinement overhead per step vs the SD2.1-base UNet step, measured side by side in one run.
 
-Full SD2.1-base topology with random weights (timing only): UNet2DConditionModel from lora.convert's
+Full SD2.1-base topology with random weights (timing only): UNet2DConditionModel from sd.convert's
 SD21_BASE_UNET_CONFIG (866 M parameters) and, for space=pixel, the SD AutoencoderKL (SD21_BASE_VAE_CONFIG).
 Per repeat, interleaved so that machine load hits every component alike:
 
@@ -16,75 +16,32 @@ Run: ``python bench/dr2.py`` (see --help); medians over --repeats, ratios = medi
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import platform
-import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from common import (build_sd21_unet, build_sd21_vae, command, machine, peak_rss_gb, require_pack, setup_logging, timed,
+                    unet_bench_parser)
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_pack():
-    try:
-        import comfyui_bfr  # noqa: F401
-    except ImportError:  # running from a checkout without `pip install -e .`
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("comfyui_bfr", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["comfyui_bfr"] = module
-        spec.loader.exec_module(module)
-    from comfyui_bfr.sd import convert
-    from comfyui_bfr.pipelines import dr2, ilvr
-    from comfyui_bfr.sd import diffusion
-
-    return convert, dr2, ilvr
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux: KiB
+ilvr, diffusion, codec = require_pack("pipelines.ilvr", "sd.diffusion", "sd.vae")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=1, help="images per UNet call (DR2 is unconditional: 1 image = 1)")
-    ap.add_argument("--size", type=int, default=512, help="image size in px (latent = size/8)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = unet_bench_parser(__doc__, batch_help="images per UNet call (DR2 is unconditional: 1 image = 1)", repeats=5,
+                           threads=0, threads_help="torch threads (0 = torch default)")
     ap.add_argument("--n-latent", type=float, default=2.0, help="N for space=latent (latent px)")
     ap.add_argument("--n-pixel", type=float, default=16.0, help="N for space=pixel (image px)")
     ap.add_argument("--no-pixel", action="store_true", help="skip the VAE round trip (space=pixel)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     log = logging.getLogger("bench.dr2")
     if args.threads:
         torch.set_num_threads(args.threads)
-    convert, dr2, ilvr = _import_pack()
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    unet = UNet2DConditionModel.from_config(dict(convert.SD21_BASE_UNET_CONFIG)).eval()
-    vae = None if args.no_pixel else AutoencoderKL.from_config(dict(convert.SD21_BASE_VAE_CONFIG)).eval()
-    n_params = sum(p.numel() for p in unet.parameters())
-    log.info("built SD2.1-base UNet (%.0f M params)%s in %.0f s; torch %s, %d threads", n_params / 1e6,
-             "" if vae is None else " + AutoencoderKL", time.perf_counter() - t0, torch.__version__,
-             torch.get_num_threads())
+    unet = build_sd21_unet()
+    vae = None if args.no_pixel else build_sd21_vae()
 
     b, h = args.batch, args.size // 8
     sigmas = diffusion.sigmas_from_alphas_cumprod(diffusion.sd_alphas_cumprod())
@@ -98,9 +55,9 @@ def main(argv=None) -> int:
     latent_ref = ilvr.LatentRefiner(y, args.n_latent, "ddpm")
     pixel_ref = None
     if vae is not None:
-        y_pix = torch.rand(b, 3, args.size, args.size) * 2 - 1
-        pixel_ref = ilvr.PixelRefiner(y_pix, args.n_pixel, lambda z: dr2.decode(vae, z),
-                                      lambda im: dr2.encode(vae, im), "ddpm")
+        y_pix = torch.rand(b, 3, args.size, args.size)  # the codec's images are in [0, 1]
+        pixel_ref = ilvr.PixelRefiner(y_pix, args.n_pixel, lambda z: codec.decode(vae, z),
+                                      lambda im: codec.encode(vae, im), "ddpm")
 
     def latent_step():
         _z, eps = noise.step(x)
@@ -120,18 +77,16 @@ def main(argv=None) -> int:
         if pixel_ref is not None:
             pixel_step()
         for r in range(args.repeats):
-            rows["unet"].append(timed(lambda: unet(x, t, encoder_hidden_states=ctx)))
-            rows["latent_refinement"].append(timed(latent_step))
-            rows["ddpm_transition"].append(timed(lambda: ilvr.ancestral_step(x, x0, s, s_next, z, "ddpm")))
+            rows["unet"].append(timed(lambda: unet(x, t, encoder_hidden_states=ctx))[0])
+            rows["latent_refinement"].append(timed(latent_step)[0])
+            rows["ddpm_transition"].append(timed(lambda: ilvr.ancestral_step(x, x0, s, s_next, z, "ddpm"))[0])
             if pixel_ref is not None:
-                rows["pixel_refinement"].append(timed(pixel_step))
+                rows["pixel_refinement"].append(timed(pixel_step)[0])
             log.info("repeat %d/%d: unet %.2f s", r + 1, args.repeats, rows["unet"][-1])
 
     med = {k: statistics.median(v) for k, v in rows.items()}
     result = {
-        "command": "python bench/dr2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads".strip(),
+        "command": command("dr2.py", argv), "machine": machine(),
         "batch": b, "size": args.size, "n_latent": args.n_latent, "n_pixel": args.n_pixel,
         "median_s": med, "ratio_to_unet": {k: med[k] / med["unet"] for k in med if k != "unet"},
         "peak_rss_gb": peak_rss_gb(),

@@ -1,6 +1,6 @@
 """FlipNet restoration UNet step with the LQ cache vs a plain SD2.1 step (design §7), measured side by side in one run.
 
-Full SD2.1-base topology with random weights (timing only): UNet2DConditionModel from lora.convert's
+Full SD2.1-base topology with random weights (timing only): UNet2DConditionModel from sd.convert's
 SD21_BASE_UNET_CONFIG (866 M parameters), fp32, 512 px (64x64 latent), classifier-free guidance (uncond + cond rows,
 so 1 image = UNet batch 2), context of 77 text tokens (+ --face-tokens) of width 1024. No LoRA modules: in ComfyUI
 the LoRA is merged into the UNet weights, so it costs nothing at inference. BoostHub comes from the pack
@@ -19,72 +19,34 @@ Run: ``python bench/flipnet.py`` (see --help); medians over --repeats, ratios = 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import platform
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import (build_sd21_unet, command, loadavg, machine, n_params, peak_rss_gb, require_pack, setup_logging,
+                    timed, unet_bench_parser)
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_pack():
-    try:
-        import comfyui_bfr  # noqa: F401
-    except ImportError:  # running from a checkout without `pip install -e .`
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("comfyui_bfr", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["comfyui_bfr"] = module
-        spec.loader.exec_module(module)
-    from comfyui_bfr.lora import boosthub
-    from comfyui_bfr.sd import convert
-    from comfyui_bfr.pipelines import flipnet
-
-    return boosthub, convert, flipnet
-
-
-def timed(fn) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux: KiB
+boosthub, flipnet = require_pack("lora.boosthub", "pipelines.flipnet")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=1, help="images per step (CFG doubles it: 1 image = UNet batch 2)")
-    ap.add_argument("--size", type=int, default=512, help="image size in px (latent = size/8)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = unet_bench_parser(__doc__, batch_help="images per step (CFG doubles it: 1 image = UNet batch 2)", repeats=3,
+                           threads=2, threads_help="torch threads")
     ap.add_argument("--face-tokens", type=int, default=0, help="extra context tokens appended to the 77 text tokens")
     ap.add_argument("--phi", type=float, default=1.0, help="BoostHub enhance weight")
     ap.add_argument("--wo-std", type=float, default=0.02, help="std of the random BoostHub W_o (weight and bias)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
-    ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     log = logging.getLogger("bench.flipnet")
     torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()
-    boosthub, convert, flipnet = _import_pack()
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
+    load_start = loadavg()
     t0 = time.perf_counter()
-    unet = UNet2DConditionModel.from_config(dict(convert.SD21_BASE_UNET_CONFIG)).eval()
-    n_params = sum(p.numel() for p in unet.parameters())
+    unet = build_sd21_unet()
+    n_params_unet = n_params(unet)
     plain_procs = dict(unet.attn_processors)
     state = boosthub.install_boosthub(unet, boosthub.BoostHubState(phi=args.phi))
     hub_procs = dict(unet.attn_processors)
@@ -93,11 +55,9 @@ def main(argv=None) -> int:
         for proc in hubs.values():
             torch.nn.init.normal_(proc.hub.out_proj.weight, std=args.wo_std)
             torch.nn.init.normal_(proc.hub.out_proj.bias, std=args.wo_std)
-    n_hub = sum(p.numel() for proc in hubs.values() for p in proc.hub.parameters())
-    log.info("built SD2.1-base UNet (%.0f M params) + BoostHub on %d self-attention layers (%.0f M params) in %.0f s; "
-             "torch %s, %d threads, load average %s", n_params / 1e6, len(hubs), n_hub / 1e6,
-             time.perf_counter() - t0, torch.__version__, torch.get_num_threads(),
-             " ".join(f"{v:.2f}" for v in load_start))
+    n_hub = sum(n_params(proc.hub) for proc in hubs.values())
+    log.info("+ BoostHub on %d self-attention layers (%.0f M params), %.0f s in all; load average %s", len(hubs),
+             n_hub / 1e6, time.perf_counter() - t0, " ".join(f"{v:.2f}" for v in load_start))
 
     b, h = args.batch, args.size // 8
     rows = 2 * b  # CFG: uncond + cond rows
@@ -148,7 +108,7 @@ def main(argv=None) -> int:
                 times[name].append(dt)
             log.info("repeat %d/%d: plain %.2f s, cached %.2f s, joint %.2f s", r + 1, args.repeats,
                      *(times[k][-1] for k in times))
-    load_end = os.getloadavg()
+    load_end = loadavg()
     # sanity: the branch computes (cached != plain) and record + replay equals the joint batch
     boost_effect = float((outs["cached"] - outs["plain"]).abs().max())
     cache_vs_joint = float((outs["cached"] - outs["joint"]).abs().max())
@@ -157,12 +117,10 @@ def main(argv=None) -> int:
     ratio = {"cached": med["cached"] / med["plain"], "joint": med["joint"] / med["plain"],
              "record_once": t_record / med["plain"]}
     result = {
-        "command": "python bench/flipnet.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads".strip(),
+        "command": command("flipnet.py", argv), "machine": machine(),
         "batch_images": b, "unet_rows_plain_cached": rows, "unet_rows_joint": 2 * rows, "size": args.size,
         "context_tokens": n_ctx, "phi": args.phi, "wo_std": args.wo_std, "dtype": "float32", "lora": "merged (none)",
-        "unet_params": n_params, "boosthub_params": n_hub, "boosthub_layers": len(hubs),
+        "unet_params": n_params_unet, "boosthub_params": n_hub, "boosthub_layers": len(hubs),
         "times_s": times, "median_s": med, "record_once_s": t_record, "ratio_to_plain": ratio,
         "max_abs_cached_minus_plain": boost_effect, "max_abs_cached_minus_joint": cache_vs_joint,
         "loadavg_start": load_start, "loadavg_end": load_end, "peak_rss_gb": peak_rss_gb(),

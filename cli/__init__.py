@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from pathlib import Path
+
+import numpy as np
 
 from ..pipelines import degradation, dr2
 from ..pipelines.degrade_folder import degrade_folder
-from ..pipelines.image_io import from_uint8, load_image
+from ..pipelines.image_io import from_uint8, load_image, prepare_output_folder, save_png
 from ..pipelines.panel import labelled_panel
 from ..pipelines.sample_data import sample_face
 from ..sd.loader import load_model
@@ -44,10 +46,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         logger.info("degraded with preset %s", name)
     per_row = args.columns
     rows = [row[i:i + per_row] for i in range(0, len(row), per_row)]
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output_folder(args.out)
     panel_path = out_dir / "demo_degradation.png"
-    labelled_panel(rows, tile=args.tile).save(panel_path)
+    save_png(panel_path, np.asarray(labelled_panel(rows, tile=args.tile)))
     (out_dir / "demo_degradation.json").write_text(json.dumps(report, indent=1))
     logger.info("wrote %s (%d presets) and its parameter report", panel_path, len(report))
     if args.restore == "none":
@@ -62,7 +63,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     config = dr2.DR2Config(n=args.n, tau=args.tau, steps=args.steps, space=args.space, seed=args.seed)
     rows = dr2.demo_rows(model, hq, degraded, config)
     dr2_path = out_dir / "demo_dr2.png"
-    labelled_panel(rows, tile=args.tile).save(dr2_path)
+    save_png(dr2_path, np.asarray(labelled_panel(rows, tile=args.tile)))
     logger.info("wrote %s (degrade -> DR2 restore, model: %s)", dr2_path, model.source)
     return 0
 
@@ -88,18 +89,45 @@ def _add_demo(sub) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ degrade
+_OVERRIDES_EXAMPLE = '\'{"jpeg_quality": [30, 60]}\''
+
+
+def _list_presets() -> int:
+    width = max(map(len, degradation.PRESETS))
+    lines = [f"{name:<{width}}  {cfg.describe()}" for name, cfg in degradation.PRESETS.items()]
+    lines.append(f"Change any field with --overrides, e.g. {_OVERRIDES_EXAMPLE}.")
+    try:
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `bfr degrade --list-presets | head`: the reader left early; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+def _parse_overrides(text: str | None) -> dict | None:
+    """``--overrides`` JSON -> a dict of DegradationConfig fields (None when not given)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--overrides is not valid JSON ({exc.msg} at column {exc.colno}): {text!r}; give an "
+                         f"object such as {_OVERRIDES_EXAMPLE}.") from exc
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
+            type(value), "null")
+        raise ValueError(f"--overrides must be a JSON object of preset fields, got {kind}: {text!r}; give an object "
+                         f"such as {_OVERRIDES_EXAMPLE}.")
+    return value
+
+
 def _cmd_degrade(args: argparse.Namespace) -> int:
     if args.list_presets:
-        for name, cfg in degradation.PRESETS.items():
-            sys.stdout.write(f"{name}\t{json.dumps(cfg.to_dict())}\n")
-        return 0
+        return _list_presets()
     if not args.in_dir or not args.out_dir:
-        raise ValueError("bfr degrade needs IN_DIR and OUT_DIR (or --list-presets).")
-    try:
-        overrides = json.loads(args.overrides) if args.overrides else None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--overrides is not valid JSON ({exc.msg}): {args.overrides!r}; give an object such as "
-                         "'{\"jpeg_quality\": [30, 60]}'.") from exc
+        raise ValueError("bfr degrade needs IN_DIR and OUT_DIR (or --list-presets to see the presets).")
+    overrides = _parse_overrides(args.overrides)
     summary = degrade_folder(args.in_dir, args.out_dir, preset=args.preset, per_image=args.per_image,
                              seed=args.seed, workers=args.workers, overrides=overrides, size=args.size,
                              resume=not args.no_resume)
@@ -108,7 +136,10 @@ def _cmd_degrade(args: argparse.Namespace) -> int:
 
 
 def _add_degrade(sub) -> None:
-    p = sub.add_parser("degrade", help="build LQ training pairs from a folder of HQ faces (resumable, parallel)")
+    p = sub.add_parser("degrade", help="build LQ training pairs from a folder of HQ faces (resumable, parallel)",
+                       description="Degrade every image of IN_DIR (recursively) PER_IMAGE times with a preset into "
+                                   "OUT_DIR/<stem>_<k>.png plus params.jsonl. `bfr degrade --list-presets` prints the "
+                                   "presets and their ranges.")
     p.add_argument("in_dir", nargs="?", help="folder of HQ images")
     p.add_argument("out_dir", nargs="?", help="output folder for LQ images and params.jsonl")
     p.add_argument("--list-presets", action="store_true", help="print every preset with its ranges and exit")
@@ -117,7 +148,7 @@ def _add_degrade(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--size", type=int, default=None, help="resize HQ images to SIZE x SIZE first")
-    p.add_argument("--overrides", default=None, help='JSON object overriding preset fields, e.g. \'{"jpeg_quality": [30, 60]}\'')
+    p.add_argument("--overrides", default=None, help=f"JSON object overriding preset fields, e.g. {_OVERRIDES_EXAMPLE}")
     p.add_argument("--no-resume", action="store_true", help="redo images whose outputs already exist")
     p.set_defaults(func=_cmd_degrade)
 
@@ -182,8 +213,17 @@ def _add_restore(sub, argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE first (e.g. 512)")
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1")
+    p.add_argument("--checkpoint", action=_NotForDR2, help=argparse.SUPPRESS)
     _add_model_args(p)
     _add_dr2_args(p)
+
+
+class _NotForDR2(argparse.Action):
+    """``--checkpoint`` names a file this pack trained; DR2 has none, so it is refused with the flag to use."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is a FlipNet checkpoint (a file this pack trained); DR2 is training-free. "
+                     f"Pass SD 2.1-base with --base-model {values}, or use --method flipnet --checkpoint FILE.")
 
 
 # ------------------------------------------------------------------------------------------- train, synthesize
@@ -261,12 +301,22 @@ def _positionals(argv: list[str]) -> list[str]:
     return words[start:]
 
 
+class _SubcommandParser(argparse.ArgumentParser):
+    """A (sub)command's parser: also takes ``-v`` after the command (``bfr train flipnet ... -v``), without
+    overriding one given before it; nested subcommands inherit the class."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                          help="debug logging, tracebacks on errors")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``bfr`` parser. A trainer's module is imported, and its flags added, only when ``argv`` selects it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="bfr", description="Diffusion-based blind face restoration tools.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
     _add_demo(sub)
     _add_degrade(sub)
     _add_restore(sub, argv)

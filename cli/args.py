@@ -8,7 +8,6 @@ import typing
 from dataclasses import fields
 
 
-
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     """One ``--flag`` per dataclass field (``help`` from the field metadata, default from the field)."""
     hints = typing.get_type_hints(cls)

@@ -16,35 +16,51 @@ from accelerate import PartialState
 
 from ..pipelines import dr2
 from ..pipelines.flipnet import FlipNetPipeline, FlipNetSampleConfig
-from ..pipelines.image_io import IMAGE_EXTENSIONS, is_image_file, list_images, load_image, save_png
-from ..sd.loader import SDModel, load_model
+from ..pipelines.image_io import (IMAGE_EXTENSIONS, ImageFolderError, is_image_file, list_images, load_image,
+                                  prepare_output_folder, save_png)
+from ..sd.loader import SDModel, load_components, load_model
 from ..train.core import use_cpu
 
 logger = logging.getLogger(__name__)
+
 
 def _h(text: str, default):
     return field(default=default, metadata={"help": text})
 
 
 @dataclass
-class RestoreConfig:
+class _FlipNetRunConfig:
+    """What every FlipNet command shares: where SD 2.1-base comes from (the same flags as DR2's) and sampling."""
+
+    base_model: str | None = _h("SD2.1-base: diffusers folder or single-file .safetensors (default: "
+                                "$BFR_SD21_CHECKPOINT, then ComfyUI's models/checkpoints)", None)
+    tokenizer: str | None = _h("CLIP tokenizer folder (needed with a single-file base model)", None)
+    download: bool = _h("allow downloading SD 2.1-base from --repo when no local one is found", False)
+    repo: str | None = _h("repo id for --download (default $BFR_SD21_REPO or a community mirror)", None)
+    size: int = _h("working resolution in px (inputs are resized to it)", 512)
+    num_inference_steps: int = _h("DDIM steps", 50)
+    guidance_scale: float = _h("classifier-free guidance scale (paper 1.5; no effect with a null prompt)", 1.5)
+    t_y_policy: str | None = _h("condition timestep policy: same | fixed (default: the checkpoint's)", None)
+    t_y: int | None = _h("condition timestep for the fixed policy (default: the checkpoint's)", None)
+
+    def _check_sampling(self, command: str, batch_size: int) -> None:
+        if self.size % 8 or self.size < 64:
+            raise ValueError(f"{command}: --size must be a multiple of 8 and >= 64, got {self.size}.")
+        if batch_size < 1:
+            raise ValueError(f"{command}: --batch-size must be >= 1, got {batch_size}.")
+
+
+@dataclass
+class RestoreConfig(_FlipNetRunConfig):
     """``bfr restore --method flipnet INPUT OUT_DIR``: restore aligned face crops with a restore-mode checkpoint."""
 
     input: str = _h("an aligned LQ face image or a folder of them", "")
     out_dir: str = _h("output folder (<stem>.png per input)", "")
     checkpoint: str = _h("restore-mode FlipNet .safetensors (models/bfr/)", "")
-    base_model: str | None = _h("SD2.1-base: diffusers folder or single-file .safetensors (default: "
-                                "$BFR_SD21_CHECKPOINT, then ComfyUI's models/checkpoints)", None)
-    tokenizer: str | None = _h("CLIP tokenizer folder (needed with a single-file base model)", None)
-    size: int = _h("working resolution in px (inputs are resized to it)", 512)
     batch_size: int = _h("images per sampling batch", 1)
-    num_inference_steps: int = _h("DDIM steps", 50)
-    guidance_scale: float = _h("classifier-free guidance scale (paper 1.5)", 1.5)
     prompt: str = _h("text prompt", "")
     negative_prompt: str | None = _h("negative prompt (default: 'low quality, blurry, ...')", None)
     phi: float | None = _h("BoostHub enhance weight (default: the checkpoint's, paper 1; range [0, 2])", None)
-    t_y_policy: str | None = _h("condition timestep policy: same | fixed (default: the checkpoint's)", None)
-    t_y: int | None = _h("condition timestep for the fixed policy (default: the checkpoint's)", None)
     seed: int = _h("seed (image i uses seed + i)", 0)
     device: str = _h("auto | cpu | cuda | cuda:N", "auto")
 
@@ -52,16 +68,25 @@ class RestoreConfig:
         for name in ("input", "out_dir", "checkpoint"):
             if not getattr(self, name):
                 raise ValueError(f"restore: --{name.replace('_', '-')} is required.")
-        if self.size % 8 or self.size < 64:
-            raise ValueError(f"restore: --size must be a multiple of 8 and >= 64, got {self.size}.")
-        if self.batch_size < 1:
-            raise ValueError(f"restore: --batch-size must be >= 1, got {self.batch_size}.")
+        self._check_sampling("restore", self.batch_size)
 
 
 def resolve_device(name: str) -> torch.device:
+    """``--device``: ``auto`` is CUDA when present, else CPU; anything else is a torch device name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N.") from exc
+
+
+def _flipnet_pipeline(cfg: RestoreConfig | SynthesizeConfig, device: torch.device) -> FlipNetPipeline:
+    """SD 2.1 through the one lookup order (``--base-model``, env var, ComfyUI folder, ``--download``) + the
+    FlipNet ``--checkpoint``."""
+    components = load_components(cfg.base_model, tokenizer=cfg.tokenizer, download=cfg.download, repo_id=cfg.repo,
+                                 device=device)
+    return FlipNetPipeline.from_checkpoint(cfg.base_model, cfg.checkpoint, device=device, components=components)
 
 
 def restore_flipnet(cfg: RestoreConfig, pipeline: FlipNetPipeline | None = None) -> list[Path]:
@@ -69,13 +94,12 @@ def restore_flipnet(cfg: RestoreConfig, pipeline: FlipNetPipeline | None = None)
     cfg.validate()
     src = Path(cfg.input)
     files = [src] if src.is_file() else list_images(src, "restore input folder")
-    pipe = pipeline or FlipNetPipeline.from_checkpoint(cfg.base_model, cfg.checkpoint, device=resolve_device(cfg.device),
-                                                       tokenizer=cfg.tokenizer)
+    out_dir = prepare_output_folder(cfg.out_dir)
+    pipe = pipeline or _flipnet_pipeline(cfg, resolve_device(cfg.device))
     sample = FlipNetSampleConfig(mode="restore", num_inference_steps=cfg.num_inference_steps,
                                  guidance_scale=cfg.guidance_scale, prompt=cfg.prompt,
                                  negative_prompt=cfg.negative_prompt, phi=cfg.phi, t_y_policy=cfg.t_y_policy,
                                  t_y=cfg.t_y, seed=cfg.seed)
-    out_dir = Path(cfg.out_dir)
     written = []
     for start in range(0, len(files), cfg.batch_size):
         chunk = files[start:start + cfg.batch_size]
@@ -89,7 +113,7 @@ def restore_flipnet(cfg: RestoreConfig, pipeline: FlipNetPipeline | None = None)
 
 
 @dataclass
-class SynthesizeConfig:
+class SynthesizeConfig(_FlipNetRunConfig):
     """``bfr synthesize --mode degrade HQ_DIR OUT_DIR --per-image 5``: off-shelf LQ with a degrade-mode checkpoint.
 
     Writes ``OUT_DIR/<stem>_<k>.png`` (k = 0..per_image-1), the layout ``lora.data`` reads as an off-shelf folder.
@@ -99,18 +123,10 @@ class SynthesizeConfig:
     hq_dir: str = _h("folder of aligned HQ faces", "")
     out_dir: str = _h("output folder (<stem>_<k>.png)", "")
     checkpoint: str = _h("degrade-mode FlipNet .safetensors", "")
-    base_model: str | None = _h("SD2.1-base: diffusers folder or single-file .safetensors (default: "
-                                "$BFR_SD21_CHECKPOINT, then ComfyUI's models/checkpoints)", None)
-    tokenizer: str | None = _h("CLIP tokenizer folder (needed with a single-file base model)", None)
     mode: str = _h("only 'degrade' (FlipNet degradation mode)", "degrade")
     per_image: int = _h("degraded variants per HQ face (paper 5)", 5)
-    size: int = _h("working resolution in px", 512)
     batch_size: int = _h("images per sampling batch", 4)
-    num_inference_steps: int = _h("DDIM steps", 50)
-    guidance_scale: float = _h("CFG scale (no effect with the default null prompt)", 1.5)
     prompt: str = _h("text prompt (paper: null prompt in degradation mode)", "")
-    t_y_policy: str | None = _h("condition timestep policy: same | fixed (default: the checkpoint's)", None)
-    t_y: int | None = _h("condition timestep for the fixed policy", None)
     seed: int = _h("base seed; variant k of image i uses its own derived seed", 0)
 
     def validate(self) -> None:
@@ -121,10 +137,7 @@ class SynthesizeConfig:
             raise ValueError(f"synthesize: only --mode degrade is supported, got {self.mode!r}.")
         if self.per_image < 1:
             raise ValueError(f"synthesize: --per-image must be >= 1, got {self.per_image}.")
-        if self.size % 8 or self.size < 64:
-            raise ValueError(f"synthesize: --size must be a multiple of 8 and >= 64, got {self.size}.")
-        if self.batch_size < 1:
-            raise ValueError(f"synthesize: --batch-size must be >= 1, got {self.batch_size}.")
+        self._check_sampling("synthesize", self.batch_size)
 
 
 def synthesis_jobs(files: Sequence[Path], per_image: int, out_dir: Path) -> list[tuple[Path, int, Path]]:
@@ -142,13 +155,12 @@ def synthesize_degraded(cfg: SynthesizeConfig, pipeline: FlipNetPipeline | None 
     """Degrade every HQ face ``per_image`` times with FlipNet's degradation mode; returns outputs written here."""
     cfg.validate()
     # Without CUDA, several processes (torchrun / accelerate launch) must ask for CPU mode explicitly, or each one
-    # believes it is process 0 of 1 and they all synthesize every job (found by the two-process test).
+    # believes it is process 0 of 1 and they all synthesize every job.
     state = PartialState(cpu=use_cpu(False))
     files = list_images(cfg.hq_dir, "HQ face folder")
-    out_dir = Path(cfg.out_dir)
+    out_dir = prepare_output_folder(cfg.out_dir)
     jobs = synthesis_jobs(files, cfg.per_image, out_dir)
-    pipe = pipeline or FlipNetPipeline.from_checkpoint(cfg.base_model, cfg.checkpoint, device=state.device,
-                                                       tokenizer=cfg.tokenizer)
+    pipe = pipeline or _flipnet_pipeline(cfg, state.device)
     written = 0
     position = {p: i for i, p in enumerate(files)}
     with state.split_between_processes(jobs) as mine:
@@ -180,22 +192,27 @@ def restore_dr2(image: str | Path, out: str | Path, config: dr2.DR2Config, *, mo
     """
     image, out = Path(image), Path(out)
     config.validate()
-    sources = list_images(image, "restore input folder") if image.is_dir() else [image]
-    if not is_image_file(sources[0]):
-        raise FileNotFoundError(f"{image} is not an image file ({', '.join(IMAGE_EXTENSIONS)}) or folder.")
+    if image.is_dir():
+        sources = list_images(image, "restore input folder")
+    elif not image.exists():
+        raise FileNotFoundError(f"restore input {image} does not exist; pass an image file or a folder of images.")
+    elif not is_image_file(image):
+        raise ImageFolderError(f"restore input {image} is not an image file ({', '.join(IMAGE_EXTENSIONS)}); pass an "
+                               "image or a folder of images.")
+    else:
+        sources = [image]
+    to_folder = image.is_dir() or out.suffix.lower() not in IMAGE_EXTENSIONS
+    if to_folder:
+        prepare_output_folder(out)
     if model is None:
         model = load_model(base_model, download=download, repo_id=repo_id, device=resolve_device(device))
-    if image.is_dir() or out.suffix.lower() not in IMAGE_EXTENSIONS:
-        out.mkdir(parents=True, exist_ok=True)
     for src in sources:
         x = load_image(src, size)[None]
         result = dr2.restore(model, x, config,
                              progress=lambda d, t: logger.debug("DR2 %s: %d/%d", src.name, d, t))
-        dst = out / f"{src.stem}_dr2.png" if out.is_dir() else out
+        dst = out / f"{src.stem}_dr2.png" if to_folder else out
         save_png(dst, result.images[0])
         logger.info("DR2 restored %s -> %s", src, dst)
     if not model.is_real:
         logger.warning("the output above came from the TINY RANDOM model: it is NOT a real restoration")
     return out
-
-

@@ -72,6 +72,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .image_io import to_uint8
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -186,6 +188,20 @@ class DegradationConfig:
                 value = tuple(value)
             clean[key] = value
         return dataclasses.replace(self, **clean)
+
+    def describe(self) -> str:
+        """One line with the ranges a user picks a preset by (``bfr degrade --list-presets``)."""
+        def rng(value, prob=1.0) -> str:
+            lo, hi = value
+            text = f"{lo:g}" if lo == hi else f"[{lo:g}, {hi:g}]"
+            return text if prob >= 1.0 else f"{text} (p {prob:g})"
+
+        passes = "2 passes" + (", shuffled" if self.shuffle else "") if self.passes == 2 else "1 pass"
+        parts = [passes, f"blur sigma {rng(self.blur_sigma, self.blur_prob)} ({'/'.join(self.kernel_types)})",
+                 f"scale {rng(self.resize_scale, self.resize_prob)} ({'/'.join(self.resize_modes)})",
+                 f"noise {rng(self.noise_sigma, self.noise_prob)} ({'/'.join(self.noise_types)})",
+                 f"jpeg q {rng(self.jpeg_quality, self.jpeg_prob)}" if self.jpeg_prob > 0 else "no jpeg"]
+        return ", ".join(parts)
 
     def to_dict(self) -> dict:
         """JSON-serialisable field values."""
@@ -740,8 +756,7 @@ def _t_jpeg(x, specs, jpeg):
         return kornia.enhance.jpeg_codec_differentiable(x, q).clamp(0.0, 1.0)
     out = []
     for j, q in enumerate(qs):
-        u8 = torch.round(x[j].detach() * 255.0).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        dec = torch.from_numpy(np.ascontiguousarray(_libjpeg_uint8(u8, q)))
+        dec = torch.from_numpy(np.ascontiguousarray(_libjpeg_uint8(to_uint8(x[j]), q)))
         out.append(dec.permute(2, 0, 1).to(device=x.device, dtype=x.dtype) / 255.0)
     return torch.stack(out)
 
@@ -893,8 +908,7 @@ def _np_stage(img: np.ndarray, stage: str, spec: dict) -> np.ndarray:
         return np.clip(out, 0.0, 1.0, out=out)
     if stage == "jpeg":
         q = _check_quality(spec["quality"])
-        u8 = np.clip(np.rint(img * np.float32(255.0)), 0, 255).astype(np.uint8)
-        return _libjpeg_uint8(u8, q).astype(np.float32) / np.float32(255.0)
+        return _libjpeg_uint8(to_uint8(img), q).astype(np.float32) / np.float32(255.0)
     raise ValueError(f"unknown stage {stage!r}; valid: {list(STAGES)}.")
 
 
@@ -943,7 +957,7 @@ def _prepare_numpy(image: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray]
 
     def restore(out: np.ndarray) -> np.ndarray:
         if dtype == np.uint8:
-            return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+            return to_uint8(out)
         if dtype == np.uint16:
             return np.clip(np.rint(out * 65535.0), 0, 65535).astype(np.uint16)
         return out.astype(dtype, copy=False)

@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from .degradation import DegradationConfig, degrade_numpy, get_preset, sample_params
-from .image_io import IMAGE_EXTENSIONS, list_images, read_rgb, save_png
+from .image_io import IMAGE_EXTENSIONS, list_images, prepare_output_folder, read_rgb, resize_uint8, save_png
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ def config_hash(config: DegradationConfig) -> str:
 
 
 def _resize_hq(img: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
+    """Shorter side to ``size`` (squares to ``size`` x ``size``), with the image module's one resize rule."""
     h, w = img.shape[:2]
     if h == w:
         nh = nw = size
@@ -66,9 +65,7 @@ def _resize_hq(img: np.ndarray, size: int) -> np.ndarray:
         nh, nw = size, max(1, round(w * size / h))
     else:
         nh, nw = max(1, round(h * size / w)), size
-    if (nh, nw) == (h, w):
-        return img
-    return np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.BICUBIC))
+    return resize_uint8(img, nh, nw)
 
 
 def _pool_context():
@@ -189,20 +186,6 @@ def _run_pool(tasks: list[dict], n_workers: int, consume: Callable) -> None:
                        type(exc).__name__, exc, len(remaining))
         with _single_thread():
             consume(_process_image(t) for t in remaining.values())
-
-
-def prepare_output_folder(out_dir: Path) -> None:
-    """Create ``out_dir`` (and parents) and check it is a writable folder; the error names the path and the fix."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"output {out_dir} is an existing file, not a folder; pass a folder path.")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".bfr-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise PermissionError(f"cannot write into the output folder {out_dir} ({exc.strerror or exc}); choose a "
-                              "folder you can write to.") from exc
 
 
 def degrade_folder(in_dir, out_dir, preset="flipnet", per_image=5, seed=0, workers=None, overrides=None, size=None,

@@ -42,31 +42,41 @@ def list_images(folder: str | Path, what: str = "image folder", *, recursive: bo
 
 
 def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
-    """uint8 RGB HWC: EXIF orientation applied, alpha dropped, gray replicated, 16-bit scaled to 8-bit; optionally
-    resized to a ``size`` square (bicubic). Unreadable files raise :class:`ImageFolderError`."""
+    """uint8 RGB HWC (a fresh, writable array): EXIF orientation applied, alpha dropped (not composited), gray
+    replicated, 16-bit scaled to 8-bit (round(v * 255 / 65535)); optionally resized to a ``size`` square
+    (:func:`resize_uint8`). Missing or unreadable files raise :class:`ImageFolderError`."""
     path = Path(path)
     if not path.is_file():
-        raise ImageFolderError(f"image not found: {str(path)!r}")
+        kind = "is a folder, not an image file" if path.is_dir() else "does not exist"
+        raise ImageFolderError(f"image {str(path)!r} {kind}; pass an image file ({', '.join(IMAGE_EXTENSIONS)}).")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im = ImageOps.exif_transpose(im)
-                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                if im.mode.startswith("I;16") or im.mode == "I":
                     arr = np.asarray(im, dtype=np.float64)
-                    scale = 65535.0 if arr.max() > 255 else 255.0
-                    gray = np.clip(np.rint(arr / scale * 255.0), 0, 255).astype(np.uint8)
+                    # "I;16*" is 16-bit; plain "I" (32-bit) holds 16-bit data from some codecs, or 8-bit values
+                    scale = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+                    gray = np.clip(np.rint(arr * (255.0 / scale)), 0, 255).astype(np.uint8)
                     arr = np.repeat(gray[..., None], 3, axis=-1)
                 else:
                     if im.mode != "RGB":
                         im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
-                    arr = np.asarray(im)[..., :3]
+                    arr = np.array(im)[..., :3]
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageFolderError(f"Cannot read image {str(path)!r} ({exc}); the file is corrupt or not an image. Delete "
                                "or replace it.") from exc
-    if size and arr.shape[:2] != (size, size):
-        arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((size, size), Image.Resampling.BICUBIC))
+    if size:
+        arr = resize_uint8(arr, size, size)
     return np.ascontiguousarray(arr)
+
+
+def resize_uint8(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 HWC -> (height, width) with PIL bicubic (antialiased when shrinking); unchanged when already that size."""
+    if arr.shape[:2] == (height, width):
+        return arr
+    return np.array(Image.fromarray(np.ascontiguousarray(arr)).resize((width, height), Image.Resampling.BICUBIC))
 
 
 def from_uint8(arr: np.ndarray) -> torch.Tensor:
@@ -80,12 +90,31 @@ def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
 
 
 def to_uint8(image) -> np.ndarray:
-    """A (3,H,W)/(H,W,3) float tensor or array in [0, 1] (or a uint8 array) -> uint8 HWC RGB."""
-    arr = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+    """A float image in [0, 1] (or a uint8 array) -> uint8 HWC RGB.
+
+    Layout: a tensor is (C,H,W) when its first axis has 1 or 3 entries (the pack's convention), else (H,W,C); an
+    array is (H,W,C) when its last axis has 1 or 3 entries, else (C,H,W); 2-D is gray. The one rounding rule:
+    round half to even of ``x * 255`` in float32, clipped to [0, 255]; NaN -> 0, +-inf -> 255 / 0."""
+    if isinstance(image, torch.Tensor):
+        arr = image.detach().cpu()
+        arr = (arr if arr.dtype == torch.uint8 else arr.float()).numpy()
+        chw = arr.ndim == 3 and arr.shape[0] in (1, 3)
+    else:
+        arr = np.asarray(image)
+        chw = arr.ndim == 3 and arr.shape[-1] not in (1, 3) and arr.shape[0] in (1, 3)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3:
+        raise ValueError(f"to_uint8 takes one image (C,H,W), (H,W,C) or (H,W), got shape {arr.shape}; index the "
+                         "batch first.")
+    if chw:
         arr = np.transpose(arr, (1, 2, 0))
     if arr.dtype != np.uint8:
-        arr = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"to_uint8 takes float images in [0, 1] or uint8, got dtype {arr.dtype}; scale integer "
+                             "images to [0, 1] first (e.g. x / 65535 for 16-bit).")
+        arr = np.nan_to_num(arr.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
+        arr = np.clip(np.rint(arr * np.float32(255.0)), 0, 255).astype(np.uint8)
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
     return np.ascontiguousarray(arr)
@@ -103,6 +132,26 @@ def save_png(path: str | Path, image) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def prepare_output_folder(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` (and parents) and check it is a writable folder; the error names the path and the fix."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output {out_dir} is an existing file, not a folder; pass a folder path.")
+    above = next((p for p in out_dir.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise NotADirectoryError(f"cannot create the output folder {out_dir}: {above} is a file; pass a folder path "
+                                 "that is not inside a file.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".bfr-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(f"cannot write into the output folder {out_dir} ({exc.strerror or exc}); choose a "
+                              "folder you can write to.") from exc
+    return out_dir
 
 
 def resize_square(img: torch.Tensor, size: int) -> torch.Tensor:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+
+from .image_io import resize_uint8
 
 
 def sample_face(size: int = 512) -> np.ndarray:
@@ -14,4 +15,4 @@ def sample_face(size: int = 512) -> np.ndarray:
         raise ImportError("The sample face needs scikit-image (`pip install scikit-image`), "
                           "or pass your own image with --image PATH.") from exc
     img = data.astronaut()[20:260, 110:350]  # 240x240 crop around the face
-    return np.array(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
+    return resize_uint8(np.ascontiguousarray(img), size, size)

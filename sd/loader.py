@@ -9,8 +9,9 @@ Resolution order (:func:`resolve_base_model`), the same for DR2, FlipNet, traini
 4. only when asked (``download=True``, CLI ``--download``): a diffusers snapshot of ``repo_id`` (default
    ``$BFR_SD21_REPO`` or :data:`DEFAULT_REPO`; SD 2.1 is no longer on Stability's pages, mirrors exist).
 
-With none of those, :func:`load_model` returns a tiny random model and logs loudly that the output is not a real
-restoration. Weights load only through safetensors (or ``torch.load(weights_only=True)`` for ``.bin``); single
+:func:`load_model` (UNet + VAE, DR2) and :func:`load_components` (+ text encoder, tokenizer, scheduler: FlipNet,
+training) both resolve through it. With none of those, :func:`load_model` returns a tiny random model and logs
+loudly that the output is not a real restoration; :func:`load_components` raises :class:`ModelNotFoundError`. Weights load only through safetensors (or ``torch.load(weights_only=True)`` for ``.bin``); single
 files go through :mod:`.convert` with local SD2.1 configs, so nothing reaches the network unless downloading.
 """
 
@@ -37,8 +38,13 @@ ENV_COMFY_MODELS = "BFR_COMFY_MODELS"
 ENV_COMFY_PATH = "COMFYUI_PATH"
 DEFAULT_REPO = "Manojb/stable-diffusion-2-1-base"
 _SD21_NAME = re.compile(r"(2[-_.]?1.*(base|512))|(v2-1_512)", re.IGNORECASE)
-_DOWNLOAD_PATTERNS = ["model_index.json", "scheduler/*", "unet/*.json", "unet/*.safetensors", "vae/*.json",
-                      "vae/*.safetensors"]
+MODEL_PARTS = ("unet", "vae", "scheduler")  # what DR2 (load_model) needs
+COMPONENT_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # what FlipNet and training need
+_PART_FILES = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+               "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
+_DOWNLOAD_PATTERNS = {"unet": ["unet/*.json", "unet/*.safetensors"], "vae": ["vae/*.json", "vae/*.safetensors"],
+                      "text_encoder": ["text_encoder/*.json", "text_encoder/*.safetensors"],
+                      "tokenizer": ["tokenizer/*"], "scheduler": ["scheduler/*"]}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -89,25 +95,31 @@ def find_in_comfy_models(dirs: list[Path] | None = None) -> Path | None:
     return None
 
 
-def download_snapshot(repo_id: str | None = None, cache_dir: str | Path | None = None) -> Path:
-    """Explicit download of a diffusers SD 2.1 folder (UNet, VAE, scheduler only) from a configurable repo."""
+def download_snapshot(repo_id: str | None = None, cache_dir: str | Path | None = None,
+                      parts: tuple[str, ...] = MODEL_PARTS) -> Path:
+    """Explicit download of a diffusers SD 2.1 folder (only ``parts``, e.g. UNet, VAE, scheduler) from a
+    configurable repo."""
     repo_id = repo_id or os.environ.get(ENV_REPO) or DEFAULT_REPO
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - comes with diffusers
         raise ModelNotFoundError("downloading needs huggingface_hub (`pip install huggingface_hub`)") from exc
-    logger.info("downloading SD 2.1 (unet, vae, scheduler) from %s", repo_id)
+    patterns = ["model_index.json"] + [pat for part in parts for pat in _DOWNLOAD_PATTERNS[part]]
+    logger.info("downloading SD 2.1 (%s) from %s", ", ".join(parts), repo_id)
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_DOWNLOAD_PATTERNS, cache_dir=cache_dir))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
     except Exception as exc:  # network, auth, missing repo: say which repo and how to change it
         raise ModelNotFoundError(
             f"could not download SD 2.1 from {repo_id!r} ({exc}); set {ENV_REPO} or --repo to a mirror, or pass "
-            "--checkpoint with a local file/folder") from exc
+            "--base-model with a local file/folder") from exc
 
 
 def resolve_base_model(base_model: str | Path | None = None, *, download: bool = False,
-                       repo_id: str | None = None, cache_dir: str | Path | None = None) -> Path | None:
-    """Apply the resolution order above; None when nothing is found and downloading was not asked for."""
+                       repo_id: str | None = None, cache_dir: str | Path | None = None,
+                       parts: tuple[str, ...] = MODEL_PARTS) -> Path | None:
+    """Apply the resolution order above; None when nothing is found and downloading was not asked for.
+
+    ``parts`` are the diffusers sub-folders a download fetches (:data:`MODEL_PARTS` or :data:`COMPONENT_PARTS`)."""
     if base_model:
         path = Path(base_model).expanduser()
         if not path.exists():
@@ -118,58 +130,72 @@ def resolve_base_model(base_model: str | Path | None = None, *, download: bool =
     if env:
         path = Path(env).expanduser()
         if not path.exists():
-            raise ModelNotFoundError(f"{ENV_CHECKPOINT}={path} does not exist; fix or unset it")
+            raise ModelNotFoundError(f"{ENV_CHECKPOINT}={path} does not exist; fix or unset it, or pass --base-model")
+        logger.info("using SD 2.1 from %s: %s", ENV_CHECKPOINT, path)
         return path
     found = find_in_comfy_models()
     if found:
         logger.info("using SD 2.1 from the ComfyUI models folder: %s", found)
         return found
     if download:
-        return download_snapshot(repo_id, cache_dir)
+        return download_snapshot(repo_id, cache_dir, parts)
     return None
 
 
 # --------------------------------------------------------------------------------------------------- loading
 
 
+def _check_diffusers_folder(folder: Path, parts: tuple[str, ...]) -> None:
+    """Every part's config file is there, or ModelNotFoundError naming what is missing."""
+    missing = [f"{part}/{_PART_FILES[part]}" for part in parts if not (folder / part / _PART_FILES[part]).is_file()]
+    if missing:
+        raise ModelNotFoundError(f"{folder} lacks {', '.join(missing)}: not a diffusers SD 2.1 folder (expected the "
+                                 f"save_pretrained layout with {', '.join(p + '/' for p in parts)}); pass "
+                                 "--base-model with such a folder or a single .safetensors file")
+
+
+def _check_single_file(path: Path) -> None:
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        raise ValueError(f"{path}: only .safetensors single files are loaded (no pickle); convert it first")
+
+
 def _scheduler_settings(folder: Path) -> tuple[torch.Tensor, str]:
-    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    cfg_path = folder / "scheduler" / _PART_FILES["scheduler"]
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     if cfg.get("beta_schedule", "scaled_linear") != "scaled_linear" or cfg.get("trained_betas"):
         raise ValueError(f"{cfg_path}: only the scaled_linear schedule of SD 1.x/2.x is supported")
     ab = sd_alphas_cumprod(int(cfg.get("num_train_timesteps", 1000)), float(cfg.get("beta_start", 0.00085)),
-                                float(cfg.get("beta_end", 0.012)))
+                           float(cfg.get("beta_end", 0.012)))
     return ab, str(cfg.get("prediction_type", "epsilon"))
+
+
+def _load_unet_vae(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """UNet + VAE (AutoencoderKL, or AutoencoderTiny when ``vae/config.json`` names it) of a diffusers folder."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+
+    vae_cls = json.loads((folder / "vae" / _PART_FILES["vae"]).read_text()).get("_class_name", "AutoencoderKL")
+    vae_type = AutoencoderTiny if vae_cls == "AutoencoderTiny" else AutoencoderKL
+    kw = dict(torch_dtype=dtype, local_files_only=True)
+    return (UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw),
+            vae_type.from_pretrained(folder, subfolder="vae", **kw))
 
 
 def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32) -> SDModel:
     """UNet + VAE (AutoencoderKL, or AutoencoderTiny under ``vae/`` with its class in the config) from a folder."""
-    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-
-    for sub in ("unet", "vae"):
-        if not (folder / sub / "config.json").is_file():
-            raise ModelNotFoundError(f"{folder} is not a diffusers SD folder: {sub}/config.json is missing")
-    vae_cls = json.loads((folder / "vae" / "config.json").read_text()).get("_class_name", "AutoencoderKL")
-    vae_type = AutoencoderTiny if vae_cls == "AutoencoderTiny" else AutoencoderKL
-    kw = dict(torch_dtype=dtype, local_files_only=True)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
-    vae = vae_type.from_pretrained(folder, subfolder="vae", **kw)
+    _check_diffusers_folder(folder, ("unet", "vae"))
+    unet, vae = _load_unet_vae(folder, dtype)
     ab, pred = _scheduler_settings(folder)
     return SDModel(unet.eval(), vae.eval(), ab, pred, source=str(folder))
 
 
 def load_single_file(path: Path, dtype: torch.dtype = torch.float32) -> SDModel:
     """A ComfyUI/LDM single-file SD 2.x ``.safetensors`` through :mod:`.convert` (local configs, offline)."""
-    if path.suffix.lower() not in (".safetensors", ".sft"):
-        raise ValueError(f"{path}: only .safetensors single files are loaded (no pickle); convert it first")
+    _check_single_file(path)
     parts = convert.load_single_file_components(path, dtype=dtype, text_encoder=False, vae=True)
     if parts["vae"] is None:
         raise ValueError(f"{path} has no VAE weights (first_stage_model.*); DR2 needs the VAE")
-    unet = parts["unet"]
-    pred = "epsilon"
-    if _looks_v_prediction(path):
-        pred = "v_prediction"
-    return SDModel(unet.eval(), parts["vae"].eval(), sd_alphas_cumprod(), pred, source=str(path))
+    pred = "v_prediction" if _looks_v_prediction(path) else "epsilon"
+    return SDModel(parts["unet"].eval(), parts["vae"].eval(), sd_alphas_cumprod(), pred, source=str(path))
 
 
 def _looks_v_prediction(path: Path) -> bool:
@@ -206,6 +232,9 @@ TINY_WARNING = ("\n" + "!" * 100 + "\n"
                 f"!!  Pass --base-model PATH, set {ENV_CHECKPOINT}, put SD 2.1 base in ComfyUI's models/checkpoints\n"
                 f"!!  (with {ENV_COMFY_PATH} set), or add --download (repo from --repo / {ENV_REPO}).\n"
                 + "!" * 100)
+NOT_FOUND = (f"No SD 2.1-base found. Pass --base-model PATH (a .safetensors file or a diffusers folder), set "
+             f"{ENV_CHECKPOINT}, put SD 2.1 base in ComfyUI's models/checkpoints (with {ENV_COMFY_PATH} or "
+             f"{ENV_COMFY_MODELS} set), or add --download (repo from --repo / {ENV_REPO}).")
 
 
 def load_model(base_model: str | Path | None = None, *, download: bool = False, repo_id: str | None = None,
@@ -215,7 +244,7 @@ def load_model(base_model: str | Path | None = None, *, download: bool = False, 
     path = resolve_base_model(base_model, download=download, repo_id=repo_id)
     if path is None:
         if not allow_tiny:
-            raise ModelNotFoundError(TINY_WARNING.replace("running a TINY RANDOM model", "nothing to run").strip())
+            raise ModelNotFoundError(NOT_FOUND)
         logger.warning(TINY_WARNING)
         model = tiny_random_model()
         model.unet.to(device)
@@ -229,37 +258,37 @@ def load_components(base_model: str | Path | None = None, *, tokenizer: str | Pa
                     download: bool = False, repo_id: str | None = None, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> dict:
     """UNet, VAE, text encoder, tokenizer and DDPM scheduler of SD2.1-base (what training and FlipNet need),
-    found with the same order as :func:`load_model`. A single file carries no BPE vocabulary, so it needs a CLIP
-    ``tokenizer`` folder (``vocab.json`` + ``merges.txt``)."""
-    from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
+    found with the same order as :func:`load_model` (no tiny fallback). A single file carries no BPE vocabulary,
+    so it needs a CLIP ``tokenizer`` folder (``vocab.json`` + ``merges.txt``); one also overrides a folder's."""
+    from diffusers import DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    base = resolve_base_model(base_model, download=download, repo_id=repo_id)
+    base = resolve_base_model(base_model, download=download, repo_id=repo_id, parts=COMPONENT_PARTS)
     if base is None:
-        raise ModelNotFoundError(TINY_WARNING.replace("running a TINY RANDOM model", "nothing to run").strip())
+        raise ModelNotFoundError(NOT_FOUND)
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise ModelNotFoundError(f"--tokenizer {tokenizer} is not a folder; pass a CLIP tokenizer folder (vocab.json "
+                                 "+ merges.txt), e.g. the tokenizer/ folder of any SD2.x diffusers model.")
+    logger.info("loading SD 2.1 components from %s", base)
     if base.is_dir():
-        missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (base / d).is_dir()]
-        if missing:
-            raise ModelNotFoundError(f"Base model folder {str(base)!r} lacks {missing}; expected a diffusers "
-                                     "StableDiffusionPipeline folder (save_pretrained layout) of SD2.1-base.")
-        vae_cfg = (base / "vae" / "config.json").read_text()
-        vae_cls = AutoencoderTiny if "AutoencoderTiny" in vae_cfg else AutoencoderKL
-        comps = {
-            "unet": UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=dtype),
-            "vae": vae_cls.from_pretrained(base / "vae", torch_dtype=dtype),
-            "text_encoder": CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=dtype),
-            "tokenizer": CLIPTokenizer.from_pretrained(tokenizer or base / "tokenizer"),
-            "scheduler": DDPMScheduler.from_pretrained(base / "scheduler"),
-        }
+        _check_diffusers_folder(base, COMPONENT_PARTS if tokenizer is None else
+                                tuple(p for p in COMPONENT_PARTS if p != "tokenizer"))
+        unet, vae = _load_unet_vae(base, dtype)
+        comps = {"unet": unet, "vae": vae,
+                 "text_encoder": CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype,
+                                                               local_files_only=True),
+                 "tokenizer": CLIPTokenizer.from_pretrained(tokenizer or base / "tokenizer"),
+                 "scheduler": DDPMScheduler.from_pretrained(base, subfolder="scheduler")}
     else:
-        if tokenizer is None or not Path(tokenizer).is_dir():
+        _check_single_file(base)
+        if tokenizer is None:
             raise ModelNotFoundError(
-                f"Single-file base model {str(base)!r} needs a CLIP tokenizer folder (vocab.json + merges.txt), got "
-                f"--tokenizer {tokenizer!r}. Pass --tokenizer PATH (e.g. the tokenizer/ folder of any SD2.x "
-                "diffusers model).")
+                f"Single-file base model {str(base)!r} needs a CLIP tokenizer folder (vocab.json + merges.txt). Pass "
+                "--tokenizer PATH (e.g. the tokenizer/ folder of any SD2.x diffusers model).")
         loaded = convert.load_single_file_components(base, dtype=dtype)
         if loaded.get("vae") is None or loaded.get("text_encoder") is None:
-            raise ValueError(f"Single-file base model {str(base)!r} lacks a VAE or text encoder; it needs both.")
+            raise ValueError(f"Single-file base model {str(base)!r} lacks a VAE or text encoder; it needs both (pass "
+                             "--base-model with a full SD 2.1-base checkpoint).")
         comps = {k: loaded[k] for k in ("unet", "vae", "text_encoder", "scheduler")}
         comps["tokenizer"] = CLIPTokenizer.from_pretrained(tokenizer)
     for name in ("unet", "vae", "text_encoder"):

@@ -1,20 +1,24 @@
-"""DR2 on diffusers (pipelines/dr2.py, pipelines/sd_models.py) with the tiny SD2.1-topology fixture, CPU, offline."""
+"""DR2 on diffusers (pipelines/dr2.py, sd/loader.py, cli/folders.py) with the tiny SD2.1-topology fixture, CPU,
+offline."""
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
+from comfyui_bfr.cli.folders import restore_dr2
 from comfyui_bfr.pipelines import dr2, ilvr
 from comfyui_bfr.sd import diffusion
 from comfyui_bfr.sd import loader as sd_models
+from comfyui_bfr.sd import vae as codec
 from fixtures import tiny_sd
 
 FAST = dict(steps=20)  # T=20: omega auto = tau + 5, so a run costs 6 UNet calls
-
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,7 @@ def test_n1_small_tau_reproduces_the_input_up_to_the_vae_round_trip(tiny, face):
     cfg = dr2.DR2Config(n=1, tau=0, omega=2, steps=100, seed=3)
     out = dr2.restore(tiny, face, cfg)
     with torch.no_grad():
-        y = dr2.encode(tiny.vae, face * 2 - 1)
+        y = codec.encode(tiny.vae, face)
         noise = ilvr.DR2Noise(cfg.seed, y.shape)
         for _ in range(2):  # two transitions omega=2 -> 1 -> 0; the last eps diffuses y to tau
             _z, eps = noise.step(y)
@@ -62,7 +66,7 @@ def test_n1_small_tau_reproduces_the_input_up_to_the_vae_round_trip(tiny, face):
         torch.testing.assert_close(out.x_tau, y_tau)
         eps_theta = tiny.unet(y_tau, torch.tensor([0]), encoder_hidden_states=torch.zeros(1, 77, 1024)).sample
         torch.testing.assert_close(out.latents, ilvr.predict_x0(y_tau, eps_theta, sigma0, "ddpm"))
-        round_trip = (dr2.decode(tiny.vae, y) + 1) / 2
+        round_trip = codec.decode(tiny.vae, y)
     far = dr2.restore(tiny, face, dr2.DR2Config(n=4, tau=12, **FAST)).images
     assert psnr(out.images, round_trip) > 20
     assert psnr(out.images, round_trip) > psnr(far, round_trip) + 10
@@ -70,7 +74,7 @@ def test_n1_small_tau_reproduces_the_input_up_to_the_vae_round_trip(tiny, face):
 
 def test_larger_n_and_tau_move_the_output_further_from_the_input(tiny, face):
     with torch.no_grad():
-        y = dr2.encode(tiny.vae, face * 2 - 1)
+        y = codec.encode(tiny.vae, face)
 
     def dist(n, tau):
         return float((dr2.restore(tiny, face, dr2.DR2Config(n=n, tau=tau, seed=1, **FAST)).latents - y)
@@ -152,7 +156,7 @@ def test_single_file_loads_offline_with_the_same_weights(tiny, face, single_file
     loaded = sd_models.load_sd(single_file)
     torch.testing.assert_close(_unet_out(loaded), _unet_out(tiny), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(dr2.encode(loaded.vae, face * 2 - 1), dr2.encode(tiny.vae, face * 2 - 1))
+        torch.testing.assert_close(codec.encode(loaded.vae, face), codec.encode(tiny.vae, face))
     assert loaded.prediction_type == "epsilon" and loaded.is_real
 
 
@@ -174,34 +178,89 @@ def test_resolution_order(tmp_path, monkeypatch):
                 sd_models.ENV_REPO):
         monkeypatch.delenv(var, raising=False)
     calls = []
-    monkeypatch.setattr(sd_models, "download_snapshot", lambda repo, cache=None: calls.append(repo) or tmp_path)
-    assert sd_models.resolve_checkpoint() is None and not calls  # nothing found, no implicit download
+    monkeypatch.setattr(sd_models, "download_snapshot",
+                        lambda repo, cache=None, parts=(): calls.append((repo, parts)) or tmp_path)
+    assert sd_models.resolve_base_model() is None and not calls  # nothing found, no implicit download
 
     comfy = tmp_path / "comfy" / "checkpoints"
     comfy.mkdir(parents=True)
     (comfy / "sd_xl_base_1.0.safetensors").write_bytes(b"")
     (comfy / "v2-1_512-ema-pruned.safetensors").write_bytes(b"")
     monkeypatch.setenv(sd_models.ENV_COMFY_MODELS, str(tmp_path / "comfy"))
-    assert sd_models.resolve_checkpoint() == comfy / "v2-1_512-ema-pruned.safetensors"
+    assert sd_models.resolve_base_model() == comfy / "v2-1_512-ema-pruned.safetensors"
 
     env_file = tmp_path / "mine.safetensors"
     env_file.write_bytes(b"")
     monkeypatch.setenv(sd_models.ENV_CHECKPOINT, str(env_file))
-    assert sd_models.resolve_checkpoint() == env_file
+    assert sd_models.resolve_base_model() == env_file
     explicit = tmp_path / "explicit.safetensors"
     explicit.write_bytes(b"")
-    assert sd_models.resolve_checkpoint(explicit) == explicit
+    assert sd_models.resolve_base_model(explicit) == explicit
 
     with pytest.raises(sd_models.ModelNotFoundError, match="does not exist"):
-        sd_models.resolve_checkpoint(tmp_path / "missing.safetensors")
+        sd_models.resolve_base_model(tmp_path / "missing.safetensors")
     monkeypatch.setenv(sd_models.ENV_CHECKPOINT, str(tmp_path / "gone"))
     with pytest.raises(sd_models.ModelNotFoundError, match=sd_models.ENV_CHECKPOINT):
-        sd_models.resolve_checkpoint()
+        sd_models.resolve_base_model()
 
     monkeypatch.delenv(sd_models.ENV_CHECKPOINT)
     monkeypatch.delenv(sd_models.ENV_COMFY_MODELS)
-    assert sd_models.resolve_checkpoint(download=True, repo_id="someone/sd21-mirror") == tmp_path
-    assert calls == ["someone/sd21-mirror"]
+    assert sd_models.resolve_base_model(download=True, repo_id="someone/sd21-mirror") == tmp_path
+    assert calls == [("someone/sd21-mirror", sd_models.MODEL_PARTS)]
+
+
+def _clear_model_env(monkeypatch):
+    for var in (sd_models.ENV_CHECKPOINT, sd_models.ENV_COMFY_MODELS, sd_models.ENV_COMFY_PATH, sd_models.ENV_REPO):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_load_components_follows_the_same_order_as_load_model(tmp_path, single_file, monkeypatch):
+    """env var -> ComfyUI checkpoints folder, explicit path first, download only when asked, for both loaders."""
+    from fixtures.flipnet import write_micro_folder
+
+    _clear_model_env(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(sd_models.ModelNotFoundError, match="--base-model"):
+        sd_models.load_components()  # nothing anywhere: no tiny fallback, no implicit download
+    calls, empty_download = [], tmp_path / "download"
+    empty_download.mkdir()
+    monkeypatch.setattr(sd_models, "download_snapshot",
+                        lambda repo, cache=None, parts=(): calls.append(parts) or empty_download)
+    with pytest.raises(sd_models.ModelNotFoundError):
+        sd_models.load_components(download=True)
+    assert calls == [sd_models.COMPONENT_PARTS]  # the download would fetch the text encoder and tokenizer too
+
+    env_folder = write_micro_folder(tmp_path / "env_sd21")
+    monkeypatch.setenv(sd_models.ENV_CHECKPOINT, str(env_folder))
+    comps = sd_models.load_components()
+    assert set(comps) == {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+    assert tuple(comps["unet"].config.block_out_channels) == (32, 64)  # the micro UNet of that folder
+    assert sd_models.load_model().source == str(env_folder)
+
+    # the ComfyUI folder comes after the env var, and then serves both loaders
+    comfy = tmp_path / "comfy" / "checkpoints"
+    comfy.mkdir(parents=True)
+    in_comfy = comfy / "v2-1_512-ema-pruned.safetensors"
+    in_comfy.write_bytes(single_file.read_bytes())
+    monkeypatch.setenv(sd_models.ENV_COMFY_MODELS, str(tmp_path / "comfy"))
+    assert sd_models.load_model().source == str(env_folder)
+    monkeypatch.delenv(sd_models.ENV_CHECKPOINT)
+    assert sd_models.load_model().source == str(in_comfy)
+    with pytest.raises(sd_models.ModelNotFoundError, match="--tokenizer"):
+        sd_models.load_components()  # a single file has no BPE vocabulary
+    # this single file has no text encoder (the full-size SD2 one is 0.7 GB): the error names the file found there
+    with pytest.raises(ValueError, match="v2-1_512-ema-pruned.safetensors.*lacks a VAE or text encoder"):
+        sd_models.load_components(tokenizer=env_folder / "tokenizer")
+    # an explicit path beats the ComfyUI folder
+    comps = sd_models.load_components(env_folder)
+    assert tuple(comps["unet"].config.block_out_channels) == (32, 64)
+
+    dr2_only = tmp_path / "unet_vae_only"  # enough for DR2, not for FlipNet or training
+    for part in ("unet", "vae", "scheduler"):
+        shutil.copytree(env_folder / part, dr2_only / part)
+    assert sd_models.load_model(dr2_only).source == str(dr2_only)
+    with pytest.raises(sd_models.ModelNotFoundError, match="lacks text_encoder/config.json, tokenizer/tokenizer_config.json:"):
+        sd_models.load_components(dr2_only)
 
 
 def test_no_model_falls_back_to_a_loud_tiny_random_model(monkeypatch, caplog):
@@ -217,7 +276,7 @@ def test_no_model_falls_back_to_a_loud_tiny_random_model(monkeypatch, caplog):
 # ------------------------------------------------------------------------------------------------ CLI helpers
 
 
-def test_restore_file_and_folder(tiny, face, tmp_path):
+def test_restore_dr2_file_and_folder(tiny, face, tmp_path):
     from PIL import Image
 
     src = tmp_path / "in"
@@ -226,12 +285,27 @@ def test_restore_file_and_folder(tiny, face, tmp_path):
     Image.fromarray(arr[:60, :52]).save(src / "a.png")
     Image.fromarray(arr).save(src / "b.jpg")
     cfg = dr2.DR2Config(n=2, tau=3, **FAST)
-    one = dr2.restore_file(src / "a.png", tmp_path / "a_out.png", cfg, model=tiny)
+    one = restore_dr2(src / "a.png", tmp_path / "a_out.png", cfg, model=tiny)
     assert Image.open(one).size == (52, 60)
-    folder = dr2.restore_file(src, tmp_path / "out", cfg, model=tiny)
+    folder = restore_dr2(src, tmp_path / "out", cfg, model=tiny)
     assert sorted(p.name for p in folder.iterdir()) == ["a_dr2.png", "b_dr2.png"]
-    with pytest.raises(FileNotFoundError):
-        dr2.restore_file(tmp_path / "out" / "missing.png", tmp_path / "x.png", cfg, model=tiny)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        restore_dr2(tmp_path / "out" / "missing.png", tmp_path / "x.png", cfg, model=tiny)
+
+
+def test_restore_dr2_loads_the_base_model_it_is_given(tiny, face, single_file, tmp_path, monkeypatch):
+    """``base_model=`` (CLI --base-model) is the SD 2.1 file: same result as restoring with that model in memory."""
+    from PIL import Image
+
+    _clear_model_env(monkeypatch)
+    src = tmp_path / "a.png"
+    Image.fromarray((face[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(src)
+    cfg = dr2.DR2Config(n=2, tau=3, **FAST)
+    from_file = restore_dr2(src, tmp_path / "file.png", cfg, base_model=single_file, device="cpu")
+    in_memory = restore_dr2(src, tmp_path / "mem.png", cfg, model=tiny)
+    a = np.asarray(Image.open(from_file), dtype=np.int16)
+    b = np.asarray(Image.open(in_memory), dtype=np.int16)
+    assert np.abs(a - b).max() <= 1
 
 
 def test_demo_rows(tiny, face):

@@ -1,5 +1,6 @@
-"""`bfr synthesize --mode degrade` sharded over two processes (torchrun, gloo): every (image, variant) is written
-once, and each equals the single-process result (one seed per image and variant, independent of sharding)."""
+"""`bfr synthesize` (``python -m comfyui_bfr.cli synthesize HQ OUT``, FlipNet degradation mode) sharded over two
+processes (torchrun, gloo): every (image, variant) is written once, and each equals the single-process result (one
+seed per image and variant, independent of sharding)."""
 
 from __future__ import annotations
 
@@ -12,20 +13,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_flipnet_pipeline import _checkpoint
-from fixtures.flipnet import write_faces, write_micro_folder
+from fixtures.flipnet import write_faces, write_flipnet_checkpoint, write_micro_folder
 
 
 def _run(args, tmp_path, nproc):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
     if nproc == 1:
-        cmd = [sys.executable, "-m", "comfyui_bfr.pipelines.flipnet", *args]
+        cmd = [sys.executable, "-m", "comfyui_bfr.cli", *args]
     else:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = str(sock.getsockname()[1])
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
-               "-m", "comfyui_bfr.pipelines.flipnet", *args]
+               "-m", "comfyui_bfr.cli", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     return res.stdout + res.stderr
@@ -34,7 +34,7 @@ def _run(args, tmp_path, nproc):
 @pytest.mark.slow
 def test_two_process_synthesis_shards_the_jobs_and_matches_one_process(tmp_path):
     base = write_micro_folder(tmp_path / "base")
-    ckpt = _checkpoint(tmp_path / "flipnet_degrade.safetensors", "degrade")
+    ckpt = write_flipnet_checkpoint(tmp_path / "flipnet_degrade.safetensors", "degrade")
     write_faces(tmp_path / "hq", 3, size=64)
     common = ["--checkpoint", str(ckpt), "--base-model", str(base), "--per-image", "2", "--size", "64",
               "--batch-size", "1", "--num-inference-steps", "2", "--seed", "3", "--t-y-policy", "fixed", "--t-y", "50"]
