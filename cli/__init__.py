@@ -21,6 +21,8 @@ from ..pipelines.image_io import from_uint8, load_image, prepare_output_folder, 
 from ..pipelines.panel import labelled_panel
 from ..pipelines.sample_data import sample_face
 from ..sd.loader import load_model
+from ..train import face_ae
+from ..train import flipnet as flipnet_trainer
 from .args import add_dataclass_arguments, dataclass_from_namespace
 from .client import run_workflow
 from .folders import RestoreConfig, SynthesizeConfig, resolve_device, restore_dr2, restore_flipnet, synthesize_degraded
@@ -227,15 +229,10 @@ class _NotForDR2(argparse.Action):
 
 
 # ------------------------------------------------------------------------------------------- train, synthesize
-def _train_entry(kind: str):
-    """(config class, train function) of ``bfr train KIND``; imported only when that trainer is selected."""
-    if kind == "face-ae":
-        from ..train import face_ae
-
-        return face_ae.FaceAETrainConfig, face_ae.train_face_ae
-    from ..train import flipnet
-
-    return flipnet.FlipNetTrainConfig, flipnet.train_flipnet
+TRAINERS = {
+    "face-ae": (face_ae.FaceAETrainConfig, face_ae.train_face_ae),
+    "flipnet": (flipnet_trainer.FlipNetTrainConfig, flipnet_trainer.train_flipnet),
+}
 
 
 def _add_train(sub, argv: list[str]) -> None:
@@ -247,7 +244,7 @@ def _add_train(sub, argv: list[str]) -> None:
                "flipnet": tsub.add_parser("flipnet", help="FlipNet LoRA + BoostHub (+ face tokens): --mode restore | "
                                                           "degrade")}
     if which in parsers:
-        config_cls, train = _train_entry(which)
+        config_cls, train = TRAINERS[which]
         add_dataclass_arguments(parsers[which], config_cls)
 
         def run(ns: argparse.Namespace) -> int:
@@ -312,7 +309,7 @@ class _SubcommandParser(argparse.ArgumentParser):
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The ``bfr`` parser. A trainer's module is imported, and its flags added, only when ``argv`` selects it."""
+    """The ``bfr`` parser. A trainer's flags are added only when ``argv`` selects it (``bfr train KIND``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="bfr", description="Diffusion-based blind face restoration tools.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")

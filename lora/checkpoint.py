@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..sd.convert import SD21_BASE_UNET_CONFIG
 from .boosthub import (
@@ -96,8 +98,6 @@ def check_sd21_unet(unet: nn.Module, what: str = "FlipNet") -> None:
 
 
 def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist; check the path (models/bfr/ in ComfyUI).")
@@ -350,6 +350,20 @@ class FlipNetCheckpoint:
         return bool(self.face_embedder)
 
 
+def _write(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str], train_config: dict | None
+           ) -> Path:
+    """One ``.safetensors`` with metadata (+ the training config and its hash), written atomically."""
+    if train_config is not None:
+        meta["train_config"] = json.dumps(train_config, sort_keys=True, default=str)
+        meta["train_config_hash"] = config_hash(train_config)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.safetensors")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
 def save_flipnet_checkpoint(
     path: str | Path,
     unet: nn.Module,
@@ -363,8 +377,6 @@ def save_flipnet_checkpoint(
     base_model: str = BASE_MODEL,
 ) -> Path:
     """Write LoRA (kohya keys) + BoostHub (+ LQ face encoder + adapter for restore mode) with metadata."""
-    from safetensors.torch import save_file
-
     if mode not in FLIPNET_MODES:
         raise ValueError(f"mode must be one of {FLIPNET_MODES}, got {mode!r}.")
     if (face_encoder is None) != (adapter is None):
@@ -397,14 +409,7 @@ def save_flipnet_checkpoint(
         if face_image_size is None:
             raise ValueError("face_image_size (the face encoder's input size) is required with a face encoder.")
         meta["face_image_size"] = str(int(face_image_size))
-    if train_config is not None:
-        meta["train_config"] = json.dumps(train_config, sort_keys=True, default=str)
-        meta["train_config_hash"] = config_hash(train_config)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.safetensors")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    path = _write(path, tensors, meta, train_config)
     logger.info("Saved FlipNet %s checkpoint %s (%d tensors).", mode, path, len(tensors))
     return path
 
@@ -535,21 +540,12 @@ def build_face_modules(ckpt: FlipNetCheckpoint) -> tuple[LQFaceEncoder, FaceAdap
 def save_face_ae_checkpoint(path: str | Path, pair: FaceAutoencoderPair, *, stage: str, image_size: int,
                             train_config: dict | None = None) -> Path:
     """Write both face autoencoders (``face_ae.hq.*``, ``face_ae.lq.*``) with their config and stage."""
-    from safetensors.torch import save_file
-
     if stage not in ("recon", "assoc"):
         raise ValueError(f"stage must be 'recon' or 'assoc', got {stage!r}.")
     tensors = {f"face_ae.{k}": v.detach().cpu().contiguous() for k, v in pair.state_dict().items()}
     meta = {"bfr_format": FACE_AE_FORMAT, "base_model": BASE_MODEL, "stage": stage,
             "face_ae_config": json.dumps(pair.cfg.to_dict()), "image_size": str(int(image_size))}
-    if train_config is not None:
-        meta["train_config"] = json.dumps(train_config, sort_keys=True, default=str)
-        meta["train_config_hash"] = config_hash(train_config)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.safetensors")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    path = _write(path, tensors, meta, train_config)
     logger.info("Saved face autoencoders (%s stage) to %s.", stage, path)
     return path
 

@@ -16,12 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from comfyui_bfr.lora import checkpoint as ck
 from comfyui_bfr.lora.boosthub import BoostHubState
-from comfyui_bfr.lora.face_embedder import AdapterConfig, FaceAdapter, FaceAEConfig, FaceAutoencoderPair, LQFaceEncoder
+from comfyui_bfr.lora.face_embedder import AdapterConfig, FaceAdapter, FaceAutoencoderPair, LQFaceEncoder
 from comfyui_bfr.lora.lora_targets import kohya_name, lora_target_names
 from comfyui_bfr.train.flipnet import prepare_flipnet_unet
-from fixtures.flipnet import build_micro_unet, fixture_unet
+from fixtures.flipnet import build_micro_unet, fixture_unet, TINY_FACE
 
-TINY_FACE = FaceAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, patch_size=2)
 
 
 def _trained_unet(seed=0, rank=4, phi=1.0):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fixtures.flipnet import TINY_FACE
 from comfyui_bfr.lora import losses
 from comfyui_bfr.lora.face_embedder import (
     AdapterConfig,
@@ -25,7 +26,6 @@ from comfyui_bfr.lora.face_embedder import (
 )
 from comfyui_bfr.sd.diffusion import diffusion_target, predict_x0, q_sample
 
-TINY = FaceAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, patch_size=2)
 
 
 def test_patchify_is_a_lossless_regrouping():
@@ -51,14 +51,14 @@ def test_config_validation_and_token_geometry():
 
 def test_autoencoders_encoder_and_adapter_shapes():
     torch.manual_seed(0)
-    pair = FaceAutoencoderPair(TINY)
+    pair = FaceAutoencoderPair(TINY_FACE)
     x = torch.rand(2, 3, 32, 32)
     recon, z = pair.hq(x)
     assert recon.shape == x.shape and z.shape == (2, 4, 16, 16)
     enc = LQFaceEncoder.from_pair(pair)
     with torch.no_grad():
         assert torch.equal(enc(x), pair.tokens(pair.lq.encode(x)))
-    ada = FaceAdapter(AdapterConfig(in_dim=TINY.token_dim, out_dim=1024, hidden_dim=64, num_layers=3))
+    ada = FaceAdapter(AdapterConfig(in_dim=TINY_FACE.token_dim, out_dim=1024, hidden_dim=64, num_layers=3))
     tokens = ada(enc(x))
     assert tokens.shape == (2, 64, 1024)
     torch.testing.assert_close(tokens.mean(-1), torch.zeros(2, 64), atol=1e-5, rtol=0)  # LayerNorm output
@@ -74,8 +74,8 @@ def test_autoencoders_encoder_and_adapter_shapes():
 
 def test_dropped_face_embedding_is_the_null_embedding():
     torch.manual_seed(0)
-    enc = LQFaceEncoder(TINY)
-    ada = FaceAdapter(AdapterConfig(in_dim=TINY.token_dim, out_dim=1024, hidden_dim=32))
+    enc = LQFaceEncoder(TINY_FACE)
+    ada = FaceAdapter(AdapterConfig(in_dim=TINY_FACE.token_dim, out_dim=1024, hidden_dim=32))
     x = torch.rand(3, 3, 32, 32)
     drop = torch.tensor([False, True, False])
     with torch.no_grad():
@@ -182,8 +182,8 @@ def test_discriminator_and_gan_losses():
 
 def test_init_from_the_sd_vae_copies_weights_or_says_why_not():
     torch.manual_seed(0)
-    vae = build_autoencoder(TINY)  # stands in for the SD VAE (same AutoencoderKL key layout)
-    pair = FaceAutoencoderPair(TINY)
+    vae = build_autoencoder(TINY_FACE)  # stands in for the SD VAE (same AutoencoderKL key layout)
+    pair = FaceAutoencoderPair(TINY_FACE)
     pair.init_from_vae(vae.state_dict(), "tiny vae")
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():

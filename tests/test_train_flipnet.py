@@ -25,10 +25,11 @@ from comfyui_bfr.pipelines.image_io import ImageFolderError
 from comfyui_bfr.train.core import TrainConfig, list_checkpoints, load_trainable_state_dict, trainable_state_dict
 from comfyui_bfr.train.face_ae import FaceAETrainConfig, train_face_ae
 from comfyui_bfr.train.flipnet import FlipNetTrainConfig, train_flipnet
-from fixtures.flipnet import micro_components, write_faces, write_micro_folder
+from fixtures.flipnet import micro_components, write_faces, write_micro_folder, TINY_FACE
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_AE = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, patch_size=2)
+TINY_AE = dict(block_out_channels=TINY_FACE.block_out_channels, layers_per_block=TINY_FACE.layers_per_block,
+               norm_num_groups=TINY_FACE.norm_num_groups, patch_size=TINY_FACE.patch_size)  # as trainer flags
 
 
 @pytest.fixture(scope="module")

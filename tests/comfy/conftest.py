@@ -160,6 +160,16 @@ def tiny_checkpoint() -> Path:
     return cached_comfy_checkpoint(seed=0)
 
 
+@pytest.fixture(scope="module")
+def comfy_models(tiny_checkpoint):
+    """(MODEL, VAE) of the tiny checkpoint through ComfyUI's own CheckpointLoaderSimple code path."""
+    import comfy.sd
+
+    model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=True,
+                                                                  output_clip=False, embedding_directory=None)
+    return model, vae
+
+
 EXTRA_MODELS = "extra_models"  # <base>/extra_models/bfr: a 'bfr' folder from extra_model_paths.yaml
 
 

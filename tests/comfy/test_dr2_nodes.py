@@ -25,15 +25,6 @@ FAST = dict(omega_mode="auto", omega=60, steps=20)  # T=20: omega = tau + 5
 
 
 @pytest.fixture(scope="module")
-def comfy_models(tiny_checkpoint):
-    import comfy.sd
-
-    model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=True,
-                                                                  output_clip=False, embedding_directory=None)
-    return model, vae
-
-
-@pytest.fixture(scope="module")
 def diffusers_model():
     return sd_models.SDModel(tiny_sd.build_tiny_unet(0), tiny_sd.build_tiny_vae(0), source="tiny fixture")
 

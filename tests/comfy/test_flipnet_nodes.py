@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from comfyui_bfr.lora import checkpoint as ck
-from comfyui_bfr.lora.face_embedder import AdapterConfig, FaceAdapter, FaceAEConfig, FaceAutoencoderPair, LQFaceEncoder
+from comfyui_bfr.lora.face_embedder import AdapterConfig, FaceAdapter, FaceAutoencoderPair, LQFaceEncoder
 from comfyui_bfr.sd.diffusion import q_sample
 from comfyui_bfr.train.flipnet import prepare_flipnet_unet
 from comfyui_bfr.nodes import flipnet as fn
@@ -29,11 +29,11 @@ from comfyui_bfr.nodes.helpers import NodeInputError
 from comfyui_bfr.pipelines.flipnet import FlipNetPipeline
 from comfyui_bfr.sd.vae import encode as vae_encode
 from fixtures import tiny_sd
+from fixtures.flipnet import TINY_FACE
 
 pytestmark = pytest.mark.comfy
 logger = logging.getLogger(__name__)
 
-TINY_FACE = FaceAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, patch_size=2)
 SIZE = 32  # image px -> 4x4 latents
 T_IDX = 500  # discrete timestep of the parity checks
 
@@ -75,15 +75,6 @@ def files(tmp_path_factory):
         "zero_hub": _write_flipnet(d / "flipnet_zero_hub.safetensors", zero_boosthub=True),
         "degrade": _write_flipnet(d / "flipnet_degrade.safetensors", mode="degrade", policy="fixed"),
     }
-
-
-@pytest.fixture(scope="module")
-def comfy_models(tiny_checkpoint):
-    import comfy.sd
-
-    model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=True,
-                                                                  output_clip=False, embedding_directory=None)
-    return model, vae
 
 
 @pytest.fixture(scope="module")
