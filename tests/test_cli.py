@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_bfr.cli import build_parser, main
+from comfyui_bfr.cli.main import build_parser, main
 
 
 def test_demo_writes_a_labelled_panel(tmp_path):
@@ -124,7 +124,7 @@ def test_verbose_before_or_after_the_command_parses_the_subcommand_flags(argv, v
 
 
 def test_positionals_skip_options_before_the_command():
-    from comfyui_bfr.cli import _positionals
+    from comfyui_bfr.cli.main import _positionals
 
     assert _positionals(["-v", "train", "flipnet", "--mode", "restore"])[:2] == ["train", "flipnet"]
     assert _positionals(["--verbose", "restore", "x.png", "--method", "flipnet"])[:1] == ["restore"]
@@ -151,7 +151,7 @@ def _error_records(caplog):
 
 
 def test_runtime_errors_show_a_traceback_only_under_verbose(tmp_path, monkeypatch, caplog):
-    import comfyui_bfr.cli as cli
+    import comfyui_bfr.cli.main as cli
 
     def boom(*args, **kwargs):
         raise RuntimeError("worker pool exploded")

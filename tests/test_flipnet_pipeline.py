@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_bfr.cli import main
+from comfyui_bfr.cli.main import main
 from comfyui_bfr.cli.folders import (
     RestoreConfig,
     SynthesizeConfig,

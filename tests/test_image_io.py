@@ -206,7 +206,7 @@ def test_prepare_output_folder_errors_name_the_path(tmp_path):
 
 
 def test_tif_and_webp_inputs_work_for_degrade_and_restore(tmp_path):
-    from comfyui_bfr.cli import main
+    from comfyui_bfr.cli.main import main
     from comfyui_bfr.cli.folders import restore_dr2
     from comfyui_bfr.pipelines import dr2
     from comfyui_bfr.sd.loader import tiny_random_model

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from comfyui_bfr.cli import main as bfr_main
+from comfyui_bfr.cli.main import main as bfr_main
 from comfyui_bfr.cli.args import add_dataclass_arguments, dataclass_from_namespace
 from comfyui_bfr.lora import checkpoint as ck
 from comfyui_bfr.pipelines.image_io import ImageFolderError

@@ -180,7 +180,7 @@ def test_failed_prompt_raises_with_exception_message(comfy_server, test_image):
 
 def test_bfr_run_workflow_command(comfy_server, object_info, test_image, tmp_path):
     """`bfr run-workflow` on a UI-format workflow (uses its api/ twin), with --image and --set."""
-    from comfyui_bfr.cli import main
+    from comfyui_bfr.cli.main import main
 
     for ui in sorted((REPO / "workflows").glob("*.json")):
         twin = REPO / "workflows" / "api" / ui.name
