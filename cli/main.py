@@ -1,4 +1,4 @@
-"""The ``bfr`` command line: demo, degrade, restore, train, synthesize, run-workflow.
+"""The ``bfr`` command line: demo, degrade, restore, train, synthesize, export-lora, run-workflow.
 
 Each subcommand is a small adapter: parse arguments, call a pipeline or trainer, report. Logging goes to stderr.
 Flags mean the same for every method: ``--base-model`` is SD 2.1-base, ``--checkpoint`` is a file this pack
@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 
+from ..lora.checkpoint import export_lora_only
 from ..pipelines import degradation, dr2
 from ..pipelines.degrade_folder import degrade_folder
 from ..pipelines.image_io import from_uint8, load_image, prepare_output_folder, save_png
@@ -29,7 +30,7 @@ from .folders import RestoreConfig, SynthesizeConfig, resolve_device, restore_dr
 
 logger = logging.getLogger("bfr")
 
-COMMANDS = ("demo", "degrade", "restore", "train", "synthesize", "run-workflow")
+COMMANDS = ("demo", "degrade", "restore", "train", "synthesize", "export-lora", "run-workflow")
 
 
 # --------------------------------------------------------------------------------------------------------- demo
@@ -240,9 +241,12 @@ def _add_train(sub, argv: list[str]) -> None:
     tsub = p.add_subparsers(dest="what", required=True)
     positionals = _positionals(argv)
     which = positionals[1] if positionals[:1] == ["train"] and len(positionals) > 1 else None
-    parsers = {"face-ae": tsub.add_parser("face-ae", help="HQ/LQ face autoencoders: --stage recon, then --stage assoc"),
-               "flipnet": tsub.add_parser("flipnet", help="FlipNet LoRA + BoostHub (+ face tokens): --mode restore | "
-                                                          "degrade")}
+    helps = {"face-ae": "HQ/LQ face autoencoders: --stage recon, then --stage assoc",
+             "flipnet": "FlipNet LoRA + BoostHub (+ face tokens): --mode restore | degrade"}
+    parsers = {name: tsub.add_parser(name, help=helps[name], description=TRAINERS[name][0].FIRST_RUN or None,
+                                     usage=f"bfr train {name} [--FLAG VALUE ...]  (flags by topic below)",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+               for name in helps}
     if which in parsers:
         config_cls, train = TRAINERS[which]
         add_dataclass_arguments(parsers[which], config_cls)
@@ -267,6 +271,26 @@ def _add_synthesize(sub, argv: list[str]) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+# -------------------------------------------------------------------------------------------------- export-lora
+def _cmd_export_lora(args: argparse.Namespace) -> int:
+    path = export_lora_only(args.flipnet, args.out)
+    logger.info("LoRA-only file: %s (load it with LoraLoaderModelOnly; BoostHub and face tokens need the full file "
+                "and BFR Load FlipNet)", path)
+    return 0
+
+
+def _add_export_lora(sub) -> None:
+    p = sub.add_parser("export-lora", help="write the LoRA part of a FlipNet file alone (for core LoraLoaderModelOnly)",
+                       description="Write the kohya LoRA tensors (lora_unet_*) of a FlipNet checkpoint alone, with the "
+                                   "metadata a LoRA file usually has, so that ComfyUI's LoraLoaderModelOnly loads every "
+                                   "key (on the full file it logs each BoostHub / face-embedder key as 'lora key not "
+                                   "loaded'). That is the LoRA only: FlipNet restoration also needs BoostHub and the "
+                                   "face tokens (BFR Load FlipNet + BFR Apply FlipNet with the full file).")
+    p.add_argument("flipnet", help="FlipNet checkpoint (flipnet_restore/degrade.safetensors from `bfr train flipnet`)")
+    p.add_argument("out", help="output .safetensors (e.g. ComfyUI/models/loras/flipnet_restore_lora.safetensors)")
+    p.set_defaults(func=_cmd_export_lora)
 
 
 # ------------------------------------------------------------------------------------------------- run-workflow
@@ -319,6 +343,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_restore(sub, argv)
     _add_train(sub, argv)
     _add_synthesize(sub, argv)
+    _add_export_lora(sub)
     _add_run_workflow(sub)
     return parser
 

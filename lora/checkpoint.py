@@ -14,6 +14,14 @@ Metadata (all strings): ``bfr_format``, ``base_model`` (``sd2.1-base``), ``mode`
 
 Face-AE file (``bfr_format = flipnet-face-ae/1``): ``face_ae.hq.*`` / ``face_ae.lq.*`` (diffusers AutoencoderKL keys
 under ``ae.``), metadata ``stage`` (recon|assoc), ``face_ae_config``, ``image_size``.
+
+LoRA-only file (``bfr_format = flipnet-lora/1``, :func:`export_lora_only`, ``bfr export-lora``): the kohya keys of a
+FlipNet file alone, with the ``ss_*`` / ``modelspec.*`` metadata LoRA files usually carry, for core
+``LoraLoaderModelOnly`` (which would log every BoostHub / face key of the full file as "lora key not loaded").
+
+Every file is written through a temporary file and a rename; it gets the usual ``0666 & ~umask`` mode (safetensors
+writes its temporary 0600, which another user, e.g. the one ComfyUI runs as, could not read). ``dtype`` stores the
+floating-point tensors in bf16 / fp16 (the training dtype under mixed precision; metadata ``dtype``).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 FLIPNET_FORMAT = "flipnet/1"
 FACE_AE_FORMAT = "flipnet-face-ae/1"
+FLIPNET_LORA_FORMAT = "flipnet-lora/1"
 BASE_MODEL = "sd2.1-base"
 FLIPNET_MODES = ("restore", "degrade")
 T_Y_POLICIES = ("same", "fixed")
@@ -350,16 +360,58 @@ class FlipNetCheckpoint:
         return bool(self.face_embedder)
 
 
-def _write(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str], train_config: dict | None
-           ) -> Path:
-    """One ``.safetensors`` with metadata (+ the training config and its hash), written atomically."""
+def current_umask() -> int:
+    """The process umask (Linux: read from /proc, so nothing is changed; elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_umask_permissions(path: str | Path) -> None:
+    """Mode ``0666 & ~umask`` for a file we wrote: what ``open()`` would give, e.g. 0644 under umask 022.
+
+    safetensors (>= 0.6) writes through a private temporary file with mode 0600; an export left like that cannot
+    be read by ComfyUI running as another user."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    names = {v: k for k, v in EXPORT_DTYPES.items()}
+    if dtype not in names:
+        raise ValueError(f"export dtype must be one of {list(EXPORT_DTYPES)}, got {dtype}.")
+    return names[dtype]
+
+
+def _write(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str], train_config: dict | None,
+           dtype: torch.dtype | None = None) -> Path:
+    """One ``.safetensors`` with metadata (+ the training config and its hash), written atomically with the usual
+    umask permissions. ``dtype``: store floating-point tensors in it (LoRA ``.alpha`` scalars stay fp32)."""
     if train_config is not None:
         meta["train_config"] = json.dumps(train_config, sort_keys=True, default=str)
         meta["train_config_hash"] = config_hash(train_config)
+    if dtype is not None:
+        meta["dtype"] = dtype_name(dtype)
+
+    def stored(key: str, v: torch.Tensor) -> torch.Tensor:
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point() and not key.endswith(".alpha"):
+            v = v.to(dtype)
+        return v.contiguous()
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.safetensors")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    save_file({k: stored(k, v) for k, v in tensors.items()}, str(tmp), metadata=meta)
+    give_umask_permissions(tmp)
     tmp.replace(path)
     return path
 
@@ -375,8 +427,10 @@ def save_flipnet_checkpoint(
     defaults: FlipNetDefaults | None = None,
     train_config: dict | None = None,
     base_model: str = BASE_MODEL,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write LoRA (kohya keys) + BoostHub (+ LQ face encoder + adapter for restore mode) with metadata."""
+    """Write LoRA (kohya keys) + BoostHub (+ LQ face encoder + adapter for restore mode) with metadata; ``dtype``
+    (bf16 / fp16) halves the file (default: the tensors' own dtype, fp32 for trained parameters)."""
     if mode not in FLIPNET_MODES:
         raise ValueError(f"mode must be one of {FLIPNET_MODES}, got {mode!r}.")
     if (face_encoder is None) != (adapter is None):
@@ -409,8 +463,9 @@ def save_flipnet_checkpoint(
         if face_image_size is None:
             raise ValueError("face_image_size (the face encoder's input size) is required with a face encoder.")
         meta["face_image_size"] = str(int(face_image_size))
-    path = _write(path, tensors, meta, train_config)
-    logger.info("Saved FlipNet %s checkpoint %s (%d tensors).", mode, path, len(tensors))
+    path = _write(path, tensors, meta, train_config, dtype)
+    logger.info("Saved FlipNet %s checkpoint %s (%d tensors, %.1f MB).", mode, path, len(tensors),
+                path.stat().st_size / 1e6)
     return path
 
 
@@ -424,8 +479,9 @@ def read_flipnet_checkpoint(path: str | Path, expected_base_model: str = BASE_MO
     tensors, meta = _read(path)
     fmt = meta.get("bfr_format")
     if fmt != FLIPNET_FORMAT:
-        hint = " It is a face-autoencoder file: pass it as --face-ae to `bfr train flipnet`." \
-            if fmt == FACE_AE_FORMAT else ""
+        hint = {FACE_AE_FORMAT: " It is a face-autoencoder file: pass it as --face-ae to `bfr train flipnet`.",
+                FLIPNET_LORA_FORMAT: " It is the LoRA part alone (`bfr export-lora`): load it with ComfyUI's "
+                                     "LoraLoaderModelOnly, or use the full FlipNet file it came from."}.get(fmt, "")
         raise CheckpointError(path, f"bfr_format is {fmt!r}, expected {FLIPNET_FORMAT!r}.{hint}")
     base = meta.get("base_model")
     if base != expected_base_model:
@@ -532,21 +588,92 @@ def build_face_modules(ckpt: FlipNetCheckpoint) -> tuple[LQFaceEncoder, FaceAdap
     return encoder.eval(), adapter.eval()
 
 
+def _format_of(path: str | Path) -> str | None:
+    """The ``bfr_format`` metadata of a safetensors file (None when absent); read errors as :func:`_read`'s."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist; check the path (models/bfr/ in ComfyUI).")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get("bfr_format")
+    except Exception as exc:  # SafetensorError / OSError for damaged or foreign files
+        raise CheckpointError(path, f"cannot be read as safetensors ({exc}). `bfr export-lora` takes a FlipNet "
+                                    "checkpoint (flipnet_<mode>.safetensors from `bfr train flipnet`).") from exc
+
+
+def lora_only_metadata(ckpt: FlipNetCheckpoint, title: str) -> dict[str, str]:
+    """What a kohya-style SD2.1 LoRA file usually carries (``ss_*``, ``modelspec.*``), plus where it came from."""
+    alpha = int(ckpt.alpha) if float(ckpt.alpha).is_integer() else ckpt.alpha
+    meta = {
+        "bfr_format": FLIPNET_LORA_FORMAT,
+        "bfr_source_format": FLIPNET_FORMAT,
+        "base_model": ckpt.metadata.get("base_model", BASE_MODEL),
+        "mode": ckpt.mode,
+        "lora_rank": str(ckpt.rank),
+        "lora_alpha": repr(float(ckpt.alpha)),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ckpt.rank),
+        "ss_network_alpha": str(alpha),
+        "ss_v2": "True",
+        "ss_base_model_version": "sd_v2",
+        "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v2-512/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.resolution": "512x512",
+        "modelspec.prediction_type": "epsilon",
+        "modelspec.description": (f"LoRA part (rank {ckpt.rank}) of the FlipNet {ckpt.mode}-mode checkpoint "
+                                  f"{Path(ckpt.path).name}; without BoostHub and face tokens it is not FlipNet "
+                                  "restoration, only its LoRA."),
+    }
+    for key in ("train_config_hash", "dtype"):
+        if key in ckpt.metadata:
+            meta[key] = ckpt.metadata[key]
+    return meta
+
+
+def export_lora_only(src: str | Path, dst: str | Path) -> Path:
+    """``bfr export-lora``: the ``lora_unet_*`` tensors of a FlipNet file alone (validated first, dtype kept), so
+    core ``LoraLoaderModelOnly`` loads every key. Refuses anything that is not a ``flipnet/1`` file."""
+    src, dst = Path(src), Path(dst)
+    fmt = _format_of(src)
+    if fmt != FLIPNET_FORMAT:
+        what = {FLIPNET_LORA_FORMAT: "already a LoRA-only export",
+                FACE_AE_FORMAT: "a face-autoencoder file (it holds no LoRA)",
+                None: "not a FlipNet checkpoint (no bfr_format metadata; a plain LoRA file already loads with "
+                      "LoraLoaderModelOnly as it is)"}.get(fmt, f"not a FlipNet checkpoint (bfr_format {fmt!r})")
+        raise CheckpointError(src, f"is {what}. `bfr export-lora` takes a FlipNet checkpoint (bfr_format "
+                                   f"{FLIPNET_FORMAT!r}: flipnet_restore/degrade.safetensors from `bfr train flipnet`).")
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"export-lora: the output {str(dst)!r} must end in .safetensors (ComfyUI's models/loras "
+                         "lists .safetensors files).")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"export-lora: the output {str(dst)!r} is the input file; write the LoRA to another path "
+                         "(e.g. ComfyUI/models/loras/<name>_lora.safetensors).")
+    ckpt = read_flipnet_checkpoint(src)
+    path = _write(dst, dict(ckpt.lora), lora_only_metadata(ckpt, dst.stem), None)
+    logger.info("Wrote the LoRA part of %s (%d tensors, rank %d, %.1f MB) to %s.", src.name, len(ckpt.lora),
+                ckpt.rank, path.stat().st_size / 1e6, path)
+    return path
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Face autoencoders
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def save_face_ae_checkpoint(path: str | Path, pair: FaceAutoencoderPair, *, stage: str, image_size: int,
-                            train_config: dict | None = None) -> Path:
-    """Write both face autoencoders (``face_ae.hq.*``, ``face_ae.lq.*``) with their config and stage."""
+                            train_config: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write both face autoencoders (``face_ae.hq.*``, ``face_ae.lq.*``) with their config and stage; ``dtype``
+    (bf16 / fp16) halves the file (SD-VAE topology: 2 x 83.65 M parameters, 669 MB in fp32)."""
     if stage not in ("recon", "assoc"):
         raise ValueError(f"stage must be 'recon' or 'assoc', got {stage!r}.")
     tensors = {f"face_ae.{k}": v.detach().cpu().contiguous() for k, v in pair.state_dict().items()}
     meta = {"bfr_format": FACE_AE_FORMAT, "base_model": BASE_MODEL, "stage": stage,
             "face_ae_config": json.dumps(pair.cfg.to_dict()), "image_size": str(int(image_size))}
-    path = _write(path, tensors, meta, train_config)
-    logger.info("Saved face autoencoders (%s stage) to %s.", stage, path)
+    path = _write(path, tensors, meta, train_config, dtype)
+    logger.info("Saved face autoencoders (%s stage) to %s (%.1f MB).", stage, path, path.stat().st_size / 1e6)
     return path
 
 

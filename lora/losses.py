@@ -97,15 +97,33 @@ class VGG19Features(nn.Module):
         return out
 
 
+VGG19_FILE = "vgg19-dcbb9e9d.pth"  # torchvision's ImageNet VGG19 (IMAGENET1K_V1), 548 MB
+VGG19_URL = f"https://download.pytorch.org/models/{VGG19_FILE}"
+
+
+def torch_hub_vgg19() -> Path:
+    """Where torchvision caches its VGG19 download (``$TORCH_HOME/hub/checkpoints/vgg19-dcbb9e9d.pth``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE
+
+
+def vgg19_weights_help(zero_flag: str = "--lambda-perceptual 0") -> str:
+    """Which VGG19 file the perceptual loss reads, where to get it, the flag that points at it, and the flag that
+    trains without it (every message about missing VGG19 weights ends with this)."""
+    cached = torch_hub_vgg19()
+    found = f" (there is one there now: --vgg-weights {cached})" if cached.is_file() else ""
+    return (f"The VGG19 perceptual loss needs torchvision's ImageNet VGG19 weights, {VGG19_FILE} (548 MB, "
+            f"{VGG19_URL}), or a .safetensors with its 'features.<i>.weight/.bias' keys; pass the file with "
+            f"--vgg-weights FILE. If torchvision downloaded it before (e.g. for a ComfyUI custom node) it is "
+            f"{cached}{found}; ComfyUI's Python has torchvision, and `python -c \"import torchvision; "
+            f"torchvision.models.vgg19(weights='IMAGENET1K_V1')\"` downloads it there. Or train without the "
+            f"perceptual term: {zero_flag}.")
+
+
 def load_vgg19_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read VGG19 ``features.*`` weights from a local ``.safetensors`` or ``.pth`` (``weights_only=True``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"VGG19 weights file {str(path)!r} does not exist. Pass a local torchvision-format VGG19 file "
-            "(e.g. vgg19-dcbb9e9d.pth or a .safetensors with 'features.<i>.weight' keys), or set the perceptual "
-            "weight to 0 to train without it."
-        )
+        raise FileNotFoundError(f"VGG19 weights file {str(path)!r} does not exist. {vgg19_weights_help()}")
     if path.suffix == ".safetensors":
         sd = load_file(str(path))
     else:

@@ -1,10 +1,12 @@
 """The one-file FlipNet checkpoint (design §4): kohya LoRA keys ComfyUI accepts, namespaces, metadata, a save ->
-load round trip with identical outputs, and loader errors that say exactly what is wrong."""
+load round trip with identical outputs, loader errors that say exactly what is wrong; the LoRA-only export
+(`bfr export-lora`) that ComfyUI's LoRA loader consumes entirely, bf16 exports, and file modes under a known umask."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,34 +106,64 @@ class Model:  # what model_lora_keys_unet reads: state_dict() keys and model_con
         return {"diffusion_model." + k[len("model.diffusion_model."):]: v for k, v in sd.items()}
 
 key_map = comfy.lora.model_lora_keys_unet(Model(), {})
-lora = {k: v for k, v in load_file(sys.argv[3]).items() if k.startswith("lora_unet_")}
+keep = sys.argv[4] if len(sys.argv) > 4 else "lora_unet_"  # "" = the whole file, as LoraLoaderModelOnly reads it
+lora = {k: v for k, v in load_file(sys.argv[3]).items() if k.startswith(keep)}
 patches = comfy.lora.load_lora(lora, key_map, log_missing=True)
 print(json.dumps({"n_targets": sum(k.endswith(".lora_down.weight") for k in lora), "n_patches": len(patches),
-                  "targets": sorted(patches)}))
+                  "n_keys": len(lora), "targets": sorted(patches)}))
 """
+
+
+def _comfy_load_lora(tmp_path: Path, unet_base_sd: dict, lora_file: Path, keep: str = "lora_unet_"):
+    """ComfyUI's own comfy.lora.load_lora + model_lora_keys_unet in ComfyUI's Python: (info, stderr)."""
+    from fixtures.tiny_sd import TINY_UNET_CONFIG, unet_diffusers_to_ldm_state_dict
+
+    ldm = unet_diffusers_to_ldm_state_dict(unet_base_sd, TINY_UNET_CONFIG)
+    save_file({k: v.contiguous() for k, v in ldm.items()}, str(tmp_path / "ldm.safetensors"))  # model.diffusion_model.*
+    comfy = Path(os.environ["COMFYUI_PATH"])
+    python = comfy / ".venv" / "bin" / "python"
+    res = subprocess.run([str(python if python.exists() else sys.executable), "-c", _COMFY_SCRIPT, str(comfy),
+                          str(tmp_path / "ldm.safetensors"), str(lora_file), keep], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1]), res.stderr
+
 
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to check with ComfyUI's own code")
 def test_comfyui_lora_loader_accepts_every_lora_key(tmp_path):
     """ComfyUI's own comfy.lora.load_lora + model_lora_keys_unet on the SD2.1-topology tiny UNet: every kohya pair
     becomes a weight patch and no LoRA key is reported as not loaded."""
-    from fixtures.tiny_sd import TINY_UNET_CONFIG, unet_diffusers_to_ldm_state_dict
-
     unet = fixture_unet(0)
     base_sd = {k: v.clone() for k, v in unet.state_dict().items()}
     prepare_flipnet_unet(unet, 4, None, 1.0)
     out = ck.save_flipnet_checkpoint(tmp_path / "fixture_flipnet.safetensors", unet, mode="degrade")
-    ldm = unet_diffusers_to_ldm_state_dict(base_sd, TINY_UNET_CONFIG)
-    save_file({k: v.contiguous() for k, v in ldm.items()}, str(tmp_path / "ldm.safetensors"))  # model.diffusion_model.*
-    comfy = Path(os.environ["COMFYUI_PATH"])
-    python = comfy / ".venv" / "bin" / "python"
-    res = subprocess.run([str(python if python.exists() else sys.executable), "-c", _COMFY_SCRIPT, str(comfy),
-                          str(tmp_path / "ldm.safetensors"), str(out)], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "lora key not loaded" not in res.stderr, res.stderr[-2000:]
-    info = json.loads(res.stdout.strip().splitlines()[-1])
+    info, stderr = _comfy_load_lora(tmp_path, base_sd, out)
+    assert "lora key not loaded" not in stderr, stderr[-2000:]
     assert info["n_targets"] == len(lora_target_names(unet)) == info["n_patches"]
     assert all(t.startswith("diffusion_model.") and ".transformer_blocks.0.attn" in t for t in info["targets"])
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to check with ComfyUI's own code")
+def test_comfyui_lora_loader_consumes_every_key_of_the_lora_export(tmp_path):
+    """The whole file as LoraLoaderModelOnly reads it: the full FlipNet file leaves its BoostHub / face keys
+    unloaded (one "lora key not loaded" line each), the `bfr export-lora` file has nothing ComfyUI does not load."""
+    unet = fixture_unet(0)
+    base_sd = {k: v.clone() for k, v in unet.state_dict().items()}
+    prepare_flipnet_unet(unet, 4, None, 1.0)
+    enc, ada = _face_modules()
+    full = ck.save_flipnet_checkpoint(tmp_path / "flipnet_restore.safetensors", unet, mode="restore",
+                                      face_encoder=enc, adapter=ada, face_image_size=32)
+    from comfyui_bfr.cli.main import main as bfr_main
+
+    assert bfr_main(["export-lora", str(full), str(tmp_path / "flipnet_restore_lora.safetensors")]) == 0
+    info_full, err_full = _comfy_load_lora(tmp_path, base_sd, full, keep="")
+    n_foreign = sum(not k.startswith("lora_unet_") for k in load_file(str(full)))
+    assert err_full.count("lora key not loaded") == n_foreign > 0
+    info, err = _comfy_load_lora(tmp_path, base_sd, tmp_path / "flipnet_restore_lora.safetensors", keep="")
+    assert "lora key not loaded" not in err, err[-2000:]
+    assert info["n_keys"] == 3 * info["n_targets"] and info["n_patches"] == info["n_targets"]
+    assert info["n_targets"] == len(lora_target_names(unet)) and info["targets"] == info_full["targets"]
 
 
 def test_round_trip_gives_identical_outputs(saved):
@@ -370,3 +402,86 @@ def test_door_unknown_face_ae_config_field(saved, tmp_path):
     with pytest.raises(ck.CheckpointError, match=r"metadata 'face_ae_config' is not a valid FaceAEConfig: .*multiples "
                                                  r"of norm_num_groups=7"):
         _read_bad(saved, tmp_path, "cfg3.safetensors", meta_update={"face_ae_config": json.dumps(cfg)})
+
+
+# ------------------------------------------------------------------------------------------- LoRA-only export
+def test_export_lora_writes_exactly_the_lora_keys(saved, tmp_path, caplog):
+    from comfyui_bfr.cli.main import main as bfr_main
+
+    path, unet, *_ = saved
+    out = tmp_path / "loras" / "flipnet_restore_lora.safetensors"
+    assert bfr_main(["export-lora", str(path), str(out)]) == 0
+    full, lora = load_file(str(path)), load_file(str(out))
+    assert set(lora) == {k for k in full if k.startswith("lora_unet_")}
+    assert all(k.startswith("lora_unet_") for k in lora) and len(lora) == 3 * len(lora_target_names(unet))
+    assert all(torch.equal(lora[k], full[k]) for k in lora)
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["bfr_format"] == "flipnet-lora/1" and meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4" and meta["ss_v2"] == "True"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-512/lora" and meta["mode"] == "restore"
+    assert "train_config" not in meta and out.stat().st_size < path.stat().st_size / 2
+    # our own loader says what the export is and where it goes
+    with pytest.raises(ck.CheckpointError, match="LoRA part alone.*LoraLoaderModelOnly"):
+        ck.read_flipnet_checkpoint(out)
+
+
+def test_export_lora_refuses_what_is_not_a_flipnet_file(saved, tmp_path, caplog):
+    from comfyui_bfr.cli.main import main as bfr_main
+
+    path, *_ = saved
+    lora_only = ck.export_lora_only(path, tmp_path / "a_lora.safetensors")
+    face_ae = ck.save_face_ae_checkpoint(tmp_path / "face_ae_recon.safetensors", FaceAutoencoderPair(TINY_FACE),
+                                         stage="recon", image_size=32)
+    plain = tmp_path / "someone_elses_lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 8)}, str(plain))
+    for src, expected in ((lora_only, "already a LoRA-only export"), (face_ae, "face-autoencoder file"),
+                          (plain, "not a FlipNet checkpoint .*loads with LoraLoaderModelOnly as it is")):
+        caplog.clear()
+        assert bfr_main(["export-lora", str(src), str(tmp_path / "out.safetensors")]) == 2
+        assert re.search(expected, caplog.text) and "bfr train flipnet" in caplog.text, caplog.text
+    assert not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(ValueError, match="is the input file"):
+        ck.export_lora_only(path, path)
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        ck.export_lora_only(path, tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ck.export_lora_only(tmp_path / "nope.safetensors", tmp_path / "o.safetensors")
+
+
+# -------------------------------------------------------------------------------------------- dtype and modes
+def test_bf16_export_halves_the_file_and_loads_back(saved, tmp_path):
+    path, unet, enc, ada = saved
+    half = ck.save_flipnet_checkpoint(tmp_path / "flipnet_restore_bf16.safetensors", unet, mode="restore",
+                                      face_encoder=enc, adapter=ada, face_image_size=32, dtype=torch.bfloat16)
+    tensors = load_file(str(half))
+    assert {v.dtype for k, v in tensors.items() if not k.endswith(".alpha")} == {torch.bfloat16}
+    assert {v.dtype for k, v in tensors.items() if k.endswith(".alpha")} == {torch.float32}
+    assert half.stat().st_size < 0.55 * path.stat().st_size
+    ckpt = ck.read_flipnet_checkpoint(half)
+    assert ckpt.metadata["dtype"] == "bf16"
+    fresh = build_micro_unet(0)
+    ck.apply_flipnet_checkpoint(fresh, ckpt)
+    ref = {k: v for k, v in unet.state_dict().items() if "lora_" in k or ".hub." in k}
+    got = fresh.state_dict()
+    for k, v in ref.items():  # bf16 rounding only (8 bits of mantissa)
+        torch.testing.assert_close(got[k].float(), v.float(), rtol=1e-2, atol=1e-3)
+    enc2, ada2 = ck.build_face_modules(ckpt)
+    assert next(enc2.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_exports_get_the_usual_umask_permissions(saved, tmp_path, umask, mode):
+    """safetensors writes 0600; ComfyUI running as another user must be able to read what we export."""
+    path, unet, *_ = saved
+    old = os.umask(umask)
+    try:
+        assert ck.current_umask() == umask
+        files = [ck.save_flipnet_checkpoint(tmp_path / "f.safetensors", unet, mode="degrade"),
+                 ck.save_face_ae_checkpoint(tmp_path / "a.safetensors", FaceAutoencoderPair(TINY_FACE), stage="recon",
+                                            image_size=32),
+                 ck.export_lora_only(path, tmp_path / "l.safetensors")]
+    finally:
+        os.umask(old)
+    assert [p.stat().st_mode & 0o777 for p in files] == [mode] * 3
+    assert not list(tmp_path.glob("*.tmp.safetensors"))

@@ -92,8 +92,20 @@ def test_restore_flipnet_needs_its_checkpoint(tmp_path, caplog):
 
 def test_help_lists_every_subcommand():
     text = build_parser([]).format_help()
-    for name in ("demo", "degrade", "restore", "train", "synthesize", "run-workflow"):
+    for name in ("demo", "degrade", "restore", "train", "synthesize", "export-lora", "run-workflow"):
         assert name in text
+
+
+def test_export_lora_help_and_missing_arguments(capsys, tmp_path, caplog):
+    with pytest.raises(SystemExit) as info:
+        main(["export-lora", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "LoraLoaderModelOnly" in text and "lora_unet_" in text and "BoostHub" in text
+    with pytest.raises(SystemExit):
+        main(["export-lora", str(tmp_path / "only_one.safetensors")])
+    assert main(["export-lora", str(tmp_path / "nope.safetensors"), str(tmp_path / "o.safetensors")]) == 2
+    assert "nope.safetensors" in caplog.text and "does not exist" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- -v anywhere

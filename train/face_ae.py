@@ -7,7 +7,12 @@
 
 The autoencoders are initialised from the SD VAE (``--init-vae``, a diffusers base folder or its ``vae/``) in the
 recon stage, as in the paper. Output: ``face_ae_<stage>.safetensors`` (``lora/checkpoint.py``), which the next stage
-(``--init-from``) and ``bfr train flipnet --face-ae`` read.
+(``--init-from``) and ``bfr train flipnet --face-ae`` read. Both stages may use one output folder: their resumable
+checkpoints are ``checkpoint-recon-<step>`` and ``checkpoint-assoc-<step>`` (``train/core.py``).
+
+Sizes at the paper's topology (the SD VAE, as the paper initialises from it): 83.65 M parameters per autoencoder
+(encoder 34.16 M, decoder 49.49 M), 167.3 M for the pair: 669 MB per exported file in fp32, 335 MB in bf16 / fp16
+(``--mixed-precision`` / ``--export-dtype``). A resumable checkpoint adds the fp32 weights and AdamW's two moments.
 """
 
 from __future__ import annotations
@@ -45,29 +50,44 @@ class FaceAETrainConfig(TrainConfig):
     """Face-autoencoder training configuration (paper defaults where the paper gives them)."""
 
     COMMAND = "train face-ae"
+    RUN_FIELD = "stage"
+    FIRST_RUN = """\
+HQ/LQ face autoencoders for FlipNet's face embeddings, in two stages that may share one --output-dir (each stage keeps
+its own resumable checkpoint-<stage>-<step> folders):
 
-    stage: str = flag("recon (reconstruction) or assoc (association, starts from --init-from)", default="recon")
-    init_vae: str | None = flag("recon stage: initialise both AEs from this SD VAE (diffusers base folder or its "
-                                "vae/ folder), as in the paper", default=None)
-    init_from: str | None = flag("assoc stage: the recon-stage face_ae_recon.safetensors", default=None)
-    block_out_channels: tuple[int, ...] = flag("AE channels per level (SD VAE: 128 256 512 512)",
+  bfr train face-ae --stage recon --hq-dir FACES --init-vae SD21_DIR --vgg-weights vgg19-dcbb9e9d.pth --output-dir RUN
+  bfr train face-ae --stage assoc --init-from RUN/face_ae_recon.safetensors --hq-dir FACES \\
+      --vgg-weights vgg19-dcbb9e9d.pth --output-dir RUN
+
+A first run needs --stage, --hq-dir, --output-dir, and --vgg-weights FILE (torchvision's VGG19) or --lambda-perceptual
+0; assoc also needs --init-from. Add --resume-from-checkpoint latest to continue an interrupted stage. Defaults are
+the paper's (512 px, 200k recon + 80k assoc steps); a quick test: --resolution 128 --max-train-steps 200."""
+
+    stage: str = flag("recon (reconstruction) or assoc (association, starts from --init-from)", "model",
+                      metavar="recon|assoc", default="recon")
+    init_vae: str | None = flag("recon: initialise both AEs from this SD VAE (diffusers base folder or its vae/), as "
+                                "in the paper", "model", metavar="DIR", default=None)
+    init_from: str | None = flag("assoc: the recon stage's face_ae_recon.safetensors", "model", metavar="FILE",
+                                 default=None)
+    block_out_channels: tuple[int, ...] = flag("AE channels per level (SD VAE: 128 256 512 512)", "model",
                                                default=(128, 256, 512, 512))
-    layers_per_block: int = flag("ResNet blocks per AE level (SD VAE: 2)", default=2)
-    latent_channels: int = flag("AE latent channels d (SD VAE: 4)", default=4)
-    norm_num_groups: int = flag("GroupNorm groups in the AE (SD VAE: 32)", default=32)
-    patch_size: int = flag("latent pixels per face token side (1 = the paper's N = h*w)", default=4)
-    train_batch_size: int = flag("batch per process (paper: 32 in total)", default=4)
-    max_train_steps: int | None = flag("optimizer steps (default: 200k recon, 80k assoc)", default=None)
-    disc_learning_rate: float = flag("AdamW learning rate of the discriminators", default=5e-5)
-    adam_beta1: float = flag("AdamW beta1", default=0.5)
-    adam_beta2: float = flag("AdamW beta2", default=0.9)
-    adam_weight_decay: float = flag("AdamW weight decay", default=0.0)
-    lambda_perceptual: float = flag("lambda_p of L_ae (paper 0.5)", default=0.5)
-    lambda_adv: float = flag("lambda_adv of L_ae (paper 0.8)", default=0.8)
-    disc_start: int = flag("step at which the adversarial terms switch on", default=0)
-    disc_channels: int = flag("base channels of the PatchGAN discriminator", default=64)
-    disc_layers: int = flag("layers of the PatchGAN discriminator", default=3)
-    temperature: float = flag("association: cosine-similarity temperature (<= 0: raw dot products)", default=0.07)
+    layers_per_block: int = flag("ResNet blocks per AE level (SD VAE: 2)", "model", default=2)
+    latent_channels: int = flag("AE latent channels d (SD VAE: 4)", "model", default=4)
+    norm_num_groups: int = flag("GroupNorm groups in the AE (SD VAE: 32)", "model", default=32)
+    patch_size: int = flag("latent pixels per face token side (1 = the paper's N = h*w)", "model", default=4)
+    train_batch_size: int = flag("batch per process (paper: 32 in total)", "optim", default=4)
+    max_train_steps: int | None = flag("optimizer steps (default: 200k recon, 80k assoc)", "schedule", default=None)
+    disc_learning_rate: float = flag("AdamW learning rate of the discriminators", "optim", default=5e-5)
+    adam_beta1: float = flag("AdamW beta1", "optim", default=0.5)
+    adam_beta2: float = flag("AdamW beta2", "optim", default=0.9)
+    adam_weight_decay: float = flag("AdamW weight decay", "optim", default=0.0)
+    lambda_perceptual: float = flag("lambda_p of L_ae (paper 0.5; 0: no VGG19 needed)", "optim", default=0.5)
+    lambda_adv: float = flag("lambda_adv of L_ae (paper 0.8)", "optim", default=0.8)
+    disc_start: int = flag("step at which the adversarial terms switch on", "optim", default=0)
+    disc_channels: int = flag("base channels of the PatchGAN discriminator", "model", default=64)
+    disc_layers: int = flag("layers of the PatchGAN discriminator", "model", default=3)
+    temperature: float = flag("association: cosine-similarity temperature (<= 0: raw dot products)", "optim",
+                              default=0.07)
 
     def __post_init__(self):
         if self.max_train_steps is None and self.stage in STAGES:
@@ -215,13 +235,12 @@ def train_face_ae(cfg: FaceAETrainConfig) -> Path:
 
     def export(path: Path) -> Path:
         return save_face_ae_checkpoint(path, pair, stage=cfg.stage, image_size=cfg.resolution,
-                                       train_config=cfg.to_dict())
+                                       train_config=cfg.to_dict(), dtype=run.export_dtype)
 
     return run.fit(name="face_ae", title=f"face autoencoders ({cfg.stage} stage)", dataset=dataset,
                    models=[gen_module, disc], stages=stages, step=step, export=export,
                    export_name=f"face_ae_{cfg.stage}.safetensors",
-                   validate=lambda val_batch, global_step: _validate(cfg, pair, val_batch, global_step),
-                   config_name=f"train_config_{cfg.stage}.json")
+                   validate=lambda val_batch, global_step: _validate(cfg, pair, val_batch, global_step))
 
 
 @torch.no_grad()

@@ -9,7 +9,13 @@ Degradation mode (§4.2): the same with the inputs flipped (LQ first, HQ the con
 
 This module supplies the step (the joint-batch objective) to the training core (``train/core.py``: accelerate,
 resume, checkpoints, validation cadence). Only the trainable parameters (LoRA, BoostHub, adapter) are kept in the
-resumable state; the exported model is one ``.safetensors`` (``lora/checkpoint.py``).
+resumable state; the exported model is one ``.safetensors`` (``lora/checkpoint.py``); both modes may share one output
+folder (``checkpoint-restore-<step>`` / ``checkpoint-degrade-<step>``).
+
+Sizes on SD2.1-base: LoRA rank 64 on the 128 attention projections 13.28 M parameters, BoostHub on the 16
+self-attention layers 49.57 M, LQ face encoder 34.16 M + adapter 1.12 M (restore mode): 98.1 M parameters, 393 MB per
+restore-mode file in fp32 (196 MB in bf16 / fp16), 251 MB in degrade mode; the LoRA part alone
+(``bfr export-lora``) 53 MB.
 """
 
 from __future__ import annotations
@@ -55,35 +61,58 @@ class FlipNetTrainConfig(TrainConfig):
     """FlipNet training configuration; defaults are the paper's (§5.1) except data paths."""
 
     COMMAND = "train flipnet"
+    RUN_FIELD = "mode"
+    FIRST_RUN = """\
+FlipNet on SD2.1-base: LoRA (rank 64) + BoostHub (+ face tokens in restore mode). Both modes may share one
+--output-dir (resumable checkpoint-<mode>-<step> folders are kept per mode).
 
-    mode: str = flag("restore (HQ denoised, LQ condition) or degrade (flipped)", default="restore")
-    base_model: str = flag("local SD2.1-base: diffusers folder or single-file .safetensors", default="")
-    tokenizer: str | None = flag("CLIP tokenizer folder (needed with a single-file base model)", default=None)
-    captions: str | None = flag("caption sidecar for hq_dir (.json / .jsonl / .tsv)", default=None)
-    paired_dirs: list[str] = flag("degrade mode: paired real-world folders PATH[:LAYOUT[:MAX_PAIRS]] "
-                                  "(layouts hq-lq, lol, dense-haze, sidd, realblur; captions.json inside is used)",
+  restore: bfr train flipnet --mode restore --base-model SD21 --hq-dir FACES --output-dir RUN \\
+               --face-ae face_ae_assoc.safetensors --vgg-weights vgg19-dcbb9e9d.pth
+  degrade: bfr train flipnet --mode degrade --base-model SD21 --paired-dirs DIR [DIR ...] --hq-dir FACES \\
+               --output-dir RUN
+
+A first run needs --mode, --base-model and --output-dir, plus data: --hq-dir (restore), --paired-dirs and/or --hq-dir
+(degrade); restore also needs --face-ae (from `bfr train face-ae`, or --no-use-face-embedding) and --vgg-weights FILE
+(torchvision's VGG19, or --lambda-perceptual 0). Add --resume-from-checkpoint latest to continue. Defaults are the
+paper's (512 px, 90k steps); a quick test: --resolution 256 --max-train-steps 200 --lora-rank 16."""
+
+    mode: str = flag("restore (HQ denoised, LQ condition) or degrade (flipped)", "model",
+                     metavar="restore|degrade", default="restore")
+    base_model: str = flag("local SD2.1-base: diffusers folder or single-file .safetensors", "model", metavar="PATH",
+                           default="")
+    tokenizer: str | None = flag("CLIP tokenizer folder (needed with a single-file base model)", "model",
+                                 metavar="DIR", default=None)
+    captions: str | None = flag("caption sidecar for --hq-dir (.json / .jsonl / .tsv)", "data", metavar="FILE",
+                                default=None)
+    paired_dirs: list[str] = flag("degrade mode: paired real-world folders PATH[:LAYOUT[:MAX_PAIRS]] (layouts hq-lq, "
+                                  "lol, dense-haze, sidd, realblur; a captions.json inside is used)", "data",
                                   default_factory=list)
-    max_face_images: int | None = flag("use at most this many faces from hq_dir (paper: 4000 in degrade mode)",
-                                       default=None)
-    face_ae: str | None = flag("face-autoencoder .safetensors from `bfr train face-ae --stage assoc`", default=None)
-    use_face_embedding: bool = flag("restore mode: append BFR face tokens to the text context", default=True)
-    adapter_layers: int = flag("linear layers in the face adapter", default=2)
-    train_batch_size: int = flag("batch per process (paper: 16 in total, e.g. 8 GPUs x 2)", default=2)
-    max_train_steps: int = flag("optimizer steps (paper: 90k)", default=90_000)
-    lr_warmup_steps: int = flag("linear warm-up steps, then constant", default=0)
-    lora_rank: int = flag("LoRA rank r (paper 64)", default=64)
-    lora_alpha: float | None = flag("LoRA alpha (default: = rank, i.e. scale 1)", default=None)
-    phi: float = flag("BoostHub enhance weight during training and as the saved default (paper 1)", default=1.0)
-    lambda_mse: float = flag("weight of MSE(x, x0_hat) in restore mode (paper 1.0)", default=1.0)
-    lambda_perceptual: float = flag("weight of the VGG19 perceptual loss in restore mode (paper 0.01)", default=0.01)
-    text_drop_prob: float = flag("probability of dropping the caption (paper 0.5)", default=0.5)
-    face_drop_prob: float = flag("probability of dropping the face embedding (paper 0.3)", default=0.3)
-    t_y_policy: str = flag("saved inference default for the condition timestep: same | fixed", default="fixed")
-    t_y: int = flag("saved inference default condition timestep for the fixed policy", default=100)
-    validation_inference_steps: int = flag("sampling steps for validation", default=30)
-    validation_guidance_scale: float = flag("CFG scale for validation (paper 1.5)", default=1.5)
-    negative_prompt: str | None = flag("validation negative prompt (default: 'low quality, blurry, ...' in "
-                                       "restore mode, empty in degrade mode)", default=None)
+    max_face_images: int | None = flag("use at most this many faces from --hq-dir (paper: 4000 in degrade mode)",
+                                       "data", default=None)
+    face_ae: str | None = flag("face-autoencoder .safetensors from `bfr train face-ae --stage assoc`", "model",
+                               metavar="FILE", default=None)
+    use_face_embedding: bool = flag("restore mode: append BFR face tokens to the text context", "model", default=True)
+    adapter_layers: int = flag("linear layers in the face adapter", "model", default=2)
+    train_batch_size: int = flag("batch per process (paper: 16 in total, e.g. 8 GPUs x 2)", "optim", default=2)
+    max_train_steps: int = flag("optimizer steps (paper: 90k)", "schedule", default=90_000)
+    lr_warmup_steps: int = flag("linear warm-up steps, then constant", "optim", default=0)
+    lora_rank: int = flag("LoRA rank r (paper 64)", "model", default=64)
+    lora_alpha: float | None = flag("LoRA alpha (default: = rank, i.e. scale 1)", "model", default=None)
+    phi: float = flag("BoostHub enhance weight during training and as the saved default (paper 1)", "model",
+                      default=1.0)
+    lambda_mse: float = flag("weight of MSE(x, x0_hat) in restore mode (paper 1.0)", "optim", default=1.0)
+    lambda_perceptual: float = flag("weight of the VGG19 perceptual loss in restore mode (paper 0.01; 0: no VGG19 "
+                                    "needed)", "optim", default=0.01)
+    text_drop_prob: float = flag("probability of dropping the caption (paper 0.5)", "optim", default=0.5)
+    face_drop_prob: float = flag("probability of dropping the face embedding (paper 0.3)", "optim", default=0.3)
+    t_y_policy: str = flag("saved inference default for the condition timestep: same | fixed", "model",
+                           identity=False, metavar="same|fixed", default="fixed")
+    t_y: int = flag("saved inference default condition timestep for the fixed policy", "model", identity=False,
+                    default=100)
+    validation_inference_steps: int = flag("sampling steps for validation", "schedule", default=30)
+    validation_guidance_scale: float = flag("CFG scale for validation (paper 1.5)", "schedule", default=1.5)
+    negative_prompt: str | None = flag("validation negative prompt (default: 'low quality, blurry, ...' in restore "
+                                       "mode, empty in degrade mode)", "schedule", default=None)
 
     def uses_perceptual(self) -> bool:
         return self.mode == "restore" and self.lambda_perceptual > 0
@@ -260,7 +289,7 @@ def run_validation(cfg: FlipNetTrainConfig, unet, frozen: FrozenParts, adapter, 
         out = pipe(condition, sample)
     finally:
         unet.train(was_training)
-    path = Path(cfg.output_dir) / "validation" / f"step_{step:07d}.png"
+    path = Path(cfg.output_dir) / "validation" / f"{cfg.mode}_step_{step:07d}.png"
     save_image_grid([[c, o, t] for c, o, t in zip(condition, out, target)], path)
     logger.info("validation images -> %s", path)
     return path
@@ -340,7 +369,7 @@ def train_flipnet(cfg: FlipNetTrainConfig, components: dict | None = None) -> Pa
         return save_flipnet_checkpoint(path, module.unet, mode=cfg.mode, face_encoder=enc, adapter=ada,
                                        face_image_size=face_size,
                                        defaults=FlipNetDefaults(cfg.phi, cfg.t_y_policy, cfg.t_y),
-                                       train_config=cfg.to_dict())
+                                       train_config=cfg.to_dict(), dtype=run.export_dtype)
 
     def validate(val_batch: dict, global_step: int) -> Path:
         return run_validation(cfg, module.unet, frozen, module.adapter, scheduler, state, val_batch, global_step)
