@@ -71,11 +71,17 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
 
 
 def _project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x), with x cast to the layer's weight dtype (BoostHub weights stay fp32 under a bf16/fp16 UNet)."""
-    w = getattr(layer, "weight", None)
-    if w is not None and w.dtype != x.dtype and w.dtype.is_floating_point:
-        x = x.to(w.dtype)
-    return layer(x)
+    """layer(x) computed in x's dtype on x's device: the weights are cast to the activations, never the reverse.
+
+    The activations arrive in the UNet's compute dtype (ComfyUI: ``manual_cast_dtype`` or the weight dtype; diffusers:
+    the UNet's dtype, or autocast's), so BoostHub computes in that dtype wherever its bank is stored. When the bank
+    already is in that dtype on that device (what the ComfyUI node arranges) the casts are no-ops; a bank left on the
+    offload device by a partial (lowvram) load is cast per call instead of being moved behind the model manager."""
+    w = layer.weight
+    if w.dtype == x.dtype and w.device == x.device:
+        return layer(x)
+    b = getattr(layer, "bias", None)
+    return F.linear(x, w.to(device=x.device, dtype=x.dtype), None if b is None else b.to(device=x.device, dtype=x.dtype))
 
 
 def boosthub_kv(f_y: torch.Tensor, hub: _Projections) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +121,16 @@ def boosthub_residual(
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
     return phi * _project(hub.out_proj, multihead_attention(q, k, v, heads))
+
+
+def boosthub_is_zero(hubs) -> bool:
+    """True when every BoostHub W_o (weight and bias) is zero: F_ro = 0 exactly, whatever the condition stream holds.
+
+    ``hubs``: an iterable of :class:`BoostHubProjections`. With such a bank (an untrained checkpoint) or phi = 0 the
+    condition stream cannot reach the output, so the wrappers do not run it at all (no joint batch): the result is then
+    bit-identical to the LoRA-only UNet, not merely equal up to the float reduction order of a doubled batch."""
+    return all(not bool(hub.out_proj.weight.any()) and (hub.out_proj.bias is None or not bool(hub.out_proj.bias.any()))
+               for hub in hubs)
 
 
 def joint_features(self_attn_out: torch.Tensor, boost: torch.Tensor) -> torch.Tensor:
@@ -412,8 +428,9 @@ def boosthub_modules_from_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, B
     modules = {}
     for path, weights in groups.items():
         hub = BoostHubProjections(check_boosthub_layer(path, weights))
-        hub.load_state_dict(weights, strict=True)
-        modules[path] = hub.to(weights["q_proj.weight"].dtype)
+        # assign: the module holds the checkpoint's tensors themselves (no second copy of the bank)
+        hub.load_state_dict(weights, strict=True, assign=True)
+        modules[path] = hub
     return modules
 
 

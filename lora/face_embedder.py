@@ -243,7 +243,20 @@ def face_context_tokens(
 
 
 def null_face_tokens(adapter: FaceAdapter, batch: int, num_tokens: int, device=None, dtype=None) -> torch.Tensor:
-    """tau(0): the dropped / unconditional face embedding."""
+    """tau(0): the dropped / unconditional face embedding -- the pack's NEUTRAL face-token set.
+
+    Decision: "no face information" is tau(0), the N tokens the adapter makes from an all-zero z_y, because that is
+    what the model is trained on for it: face-embedding dropout (p = 0.3) replaces z_y by 0, and CFG's uncond row
+    uses the same tokens. The negative prompt therefore always gets tau(0), so cond and uncond carry the same number
+    of tokens and batch together in ComfyUI.
+
+    Neutral is not a no-op, and no appended token set can be one: cross-attention is Softmax(q K^T / sqrt d) V over
+    the text keys, and appending tokens adds keys. A token's weight exp(q.k_j / sqrt d) is > 0 for every finite k_j,
+    so the text tokens' weights shrink by Z / (Z + sum_j exp(q.k_j / sqrt d)) and the appended values mix in; even
+    all-zero tokens (k_j = v_j = 0 without biases) scale the attention output by Z / (Z + N) (tested). So a zero-adapter
+    checkpoint WITH a face embedder is not plain SD; what is exact is that it equals plain SD run on the same
+    token-extended prompts. A checkpoint WITHOUT a face embedder appends nothing, and with zero LoRA and zero BoostHub
+    W_o it is plain SD bit for bit (tests/comfy/test_flipnet_nodes.py, tests/test_flipnet_pipeline.py)."""
     p = next(adapter.parameters())
     z = torch.zeros(batch, num_tokens, adapter.cfg.in_dim, device=device or p.device, dtype=dtype or p.dtype)
     return adapter(z)

@@ -6,7 +6,8 @@
 * ``BFR Apply FlipNet`` patches a clone of the MODEL -- never the input -- with the LoRA, through ComfyUI's own
   loader (``comfy.lora.load_lora`` + ``add_patches``, merged at load time), and the patch objects of
   :mod:`.flipnet_patches` (the joint-batch / LQ-cache ``APPLY_MODEL`` wrapper, the ``attn1_patch`` and the
-  ``attn1_output_patch`` that add ``phi * F_ro`` in every self-attention layer); it returns positive / negative
+  ``attn1_output_patch`` that add ``phi * F_ro`` in every self-attention layer, and on the first transformer block
+  an ``attn1`` replace that computes the equal cond/uncond CFG rows once); it returns positive / negative
   CONDITIONING with the face tokens ``tau(z_y)`` / ``tau(0)`` appended on the token axis (restore mode; degrade mode
   leaves the prompts unchanged), plus an empty LATENT of the image's size.
 
@@ -17,6 +18,8 @@ holds the two to the same numbers. The BoostHub weights live in one ModelPatcher
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -27,8 +30,8 @@ import torch.nn as nn
 from ..lora import boosthub as bh
 from ..lora.checkpoint import FLIPNET_MODES, SD2_CONTEXT_DIM, CheckpointError, build_face_modules, read_flipnet_checkpoint
 from ..lora.face_embedder import append_face_tokens, face_tokens
-from ._comfy import BFR_FOLDER, intermediate_device, model_files, register_model_folder, torch_device
-from .flipnet_patches import BoostHubOutput, BoostHubStash, HubBank, JointBatchWrapper
+from ._comfy import BFR_FOLDER, intermediate_device, model_files, register_model_folder
+from .flipnet_patches import BoostHubOutput, BoostHubStash, HubBank, JointBatchWrapper, SharedRowsAttention
 from .helpers import NodeInputError, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -40,21 +43,53 @@ CATEGORY = "BFR/FlipNet"
 
 T_Y_POLICIES = ["checkpoint", "same", "fixed"]
 WRAPPER_KEY = "bfr_flipnet"
+# Below the compute floor (design §7): under CFG the first self-attention layer and its BoostHub branch run once for
+# the equal cond/uncond rows (flipnet_patches.SharedRowsAttention); False runs every row (tests compare the two).
+SHARE_CFG_ROWS = True
 
 
 # ---------------------------------------------------------------------------------------------- BFR_FLIPNET
 
 
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class FaceModules(nn.Module):
+    """The LQ face encoder + adapter as ONE module, so a ModelPatcher can load/offload them together."""
+
+    def __init__(self, encoder: nn.Module, adapter: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.adapter = adapter
+
+
+def unet_compute_dtype(model) -> torch.dtype:
+    """The dtype the MODEL's UNet computes in: ``manual_cast_dtype`` when ComfyUI casts weights per layer (e.g. bf16
+    or fp8 weights on a device without bf16/fp8 compute), else its weight dtype (``model_base.BaseModel._apply_model``
+    casts the UNet input, context included, to exactly this dtype)."""
+    base = model.model
+    dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+    return dtype if dtype in COMPUTE_DTYPES else torch.float32
+
+
 @dataclass
 class FlipNetModel:
-    """The BFR_FLIPNET value: a validated checkpoint plus its torch modules (built once, shared by every Apply)."""
+    """The BFR_FLIPNET value: a validated checkpoint plus its torch modules (built once, shared by every Apply).
+
+    ``hubs`` / ``face_encoder`` / ``adapter`` are the modules as stored in the file (CPU, the file's dtype; the
+    BoostHub bank holds the checkpoint's tensors themselves). A UNet computing in another dtype gets one cast copy
+    per dtype (:meth:`bank`, :meth:`face`), built on first use and shared by every Apply and clone after that; every set sits
+    in its own ModelPatchers (:meth:`hub_patcher`, :meth:`face_patcher`) so ComfyUI's model management loads it to
+    the UNet's device, counts it and offloads it like any model -- nothing here moves a module by itself.
+    """
 
     name: str
     checkpoint: object  # lora.checkpoint.FlipNetCheckpoint
     hubs: HubBank
     face_encoder: nn.Module | None = None
     adapter: nn.Module | None = None
-    _patcher: object = field(default=None, repr=False)
+    _cast: dict = field(default_factory=dict, repr=False)  # (kind, dtype) -> HubBank | FaceModules
+    _patchers: dict = field(default_factory=dict, repr=False)  # (kind, dtype) -> ModelPatcher
 
     @property
     def mode(self) -> str:
@@ -64,15 +99,56 @@ class FlipNetModel:
     def has_face_embedder(self) -> bool:
         return self.face_encoder is not None
 
-    def hub_patcher(self):
-        """A ModelPatcher around the BoostHub bank, so sampling loads/offloads it with the UNet (comfyui-notes §3.5)."""
-        if self._patcher is None:
+    @functools.cached_property
+    def boosthub_is_zero(self) -> bool:
+        """Every W_o of the bank is zero (an untrained checkpoint): BoostHub adds exactly nothing."""
+        return bh.boosthub_is_zero(self.hubs.layers.values())
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        return next(self.hubs.parameters()).dtype
+
+    def _cast_copy(self, kind: str, dtype: torch.dtype | None, build) -> nn.Module:
+        dtype = dtype or self.stored_dtype
+        key = (kind, dtype)
+        if key not in self._cast:
+            module = build()
+            if dtype != self.stored_dtype:
+                module = copy.deepcopy(module).to(dtype)
+            self._cast[key] = module.requires_grad_(False).eval()
+        return self._cast[key]
+
+    def bank(self, dtype: torch.dtype | None = None) -> HubBank:
+        """The BoostHub bank in ``dtype`` (None: as stored)."""
+        return self._cast_copy("boosthub", dtype, lambda: self.hubs)
+
+    def face(self, dtype: torch.dtype | None = None) -> FaceModules | None:
+        """The face encoder + adapter in ``dtype`` (None: as stored); None without a face embedder."""
+        if not self.has_face_embedder:
+            return None
+        return self._cast_copy("face", dtype, lambda: FaceModules(self.face_encoder, self.adapter))
+
+    def _patcher(self, kind: str, module: nn.Module, dtype: torch.dtype):
+        key = (kind, dtype)
+        if key not in self._patchers:
             import comfy.model_management as mm
             import comfy.model_patcher
 
-            self._patcher = comfy.model_patcher.ModelPatcher(self.hubs, load_device=mm.get_torch_device(),
-                                                             offload_device=mm.unet_offload_device())
-        return self._patcher
+            self._patchers[key] = comfy.model_patcher.ModelPatcher(module, load_device=mm.get_torch_device(),
+                                                                   offload_device=mm.unet_offload_device())
+        return self._patchers[key]
+
+    def hub_patcher(self, dtype: torch.dtype | None = None):
+        """A ModelPatcher around the BoostHub bank in ``dtype``; Apply registers it with ``set_additional_models``,
+        so sampling loads/offloads it with the UNet (comfyui-notes §3.5)."""
+        dtype = dtype or self.stored_dtype
+        return self._patcher("boosthub", self.bank(dtype), dtype)
+
+    def face_patcher(self, dtype: torch.dtype | None = None):
+        """A ModelPatcher around the face encoder + adapter in ``dtype`` (None without a face embedder)."""
+        dtype = dtype or self.stored_dtype
+        face = self.face(dtype)
+        return None if face is None else self._patcher("face", face, dtype)
 
     def __deepcopy__(self, memo):  # weights are shared, never duplicated by a clone
         return self
@@ -207,10 +283,28 @@ def _block_keys(node: str, flipnet: FlipNetModel, model, unet_config: dict) -> d
     return keys
 
 
-def parameter_problem(mode=None, phi=None, t_y_policy=None, t_y=None) -> str | None:
+def first_block(keys) -> tuple[str, int, int] | None:
+    """The UNet's first transformer block (input block, lowest number): the only one before any cross-attention."""
+    inputs = [k for k in keys if k[0] == "input"]
+    return min(inputs, key=lambda k: (k[1], k[2])) if inputs else None
+
+
+def comfy_attention(q, k, v, heads, extra_options):
+    """The attention a ComfyUI transformer block runs (``optimized_attention``, as selected at startup), for
+    :class:`.flipnet_patches.SharedRowsAttention`."""
+    from comfy.ldm.modules import attention
+
+    return attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                                         transformer_options=extra_options)
+
+
+def _has_attn1_replace(model, key) -> bool:
+    replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    return key in replace or key[:2] in replace
+
+
+def parameter_problem(phi=None, t_y_policy=None, t_y=None) -> str | None:
     """What is wrong with the Apply node's widget values, in words (None: nothing); None inputs are linked ones."""
-    if mode is not None and mode not in FLIPNET_MODES:
-        return f"mode must be one of {FLIPNET_MODES} (got {mode!r})."
     if phi is not None and not (isinstance(phi, (int, float)) and 0.0 <= phi <= 2.0):
         return f"phi must be in [0, 2] (got {phi!r}); 1 is the paper's default."
     if t_y_policy is not None and t_y_policy not in T_Y_POLICIES:
@@ -278,21 +372,22 @@ class BFRApplyFlipNet:
     """MODEL + BFR_FLIPNET + IMAGE -> patched MODEL, prompts with face tokens, and the latent to sample."""
 
     DESCRIPTION = (
-        "FlipNet (SD2.1-base): restores a low-quality face (mode restore) or synthesizes a realistic degraded "
-        "version of a clean face (mode degrade). Returns a patched copy of the MODEL (FlipNet LoRA + BoostHub: "
+        "FlipNet (SD2.1-base): restores a low-quality face or synthesizes a realistic degraded version of a clean "
+        "face; the checkpoint decides which (a restore file restores, a degrade file degrades). Returns a patched copy of the MODEL (FlipNet LoRA + BoostHub: "
         "every UNet call also runs the encoded input image, diffused to t_y, and each self-attention layer of the "
         "generated image reads its features, weighted by phi), the positive/negative prompts with the face "
-        "embedding tokens of the image appended (restore mode), and an empty latent of the image's size. Sample "
+        "embedding tokens of the image appended (restore checkpoints with a face embedder), and an empty latent of the image's size. Sample "
         "with KSampler: cfg 1.5 (paper), any SD sampler, denoise 1.0; negative prompt e.g. 'low quality, blurry, "
-        "jpeg artifacts, noisy'; for degrade mode leave both prompts empty. Do not combine with ControlNet.")
+        "jpeg artifacts, noisy'; with a degrade checkpoint leave both prompts empty. Do not combine with ControlNet.")
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING", "LATENT")
     RETURN_NAMES = ("model", "positive", "negative", "latent")
     OUTPUT_TOOLTIPS = (
         "A patched clone of the input MODEL (the input stays untouched).",
-        "The positive prompt with the face tokens tau(z_y) of the image appended (unchanged in degrade mode).",
-        "The negative prompt with the null face tokens tau(0) appended (unchanged in degrade mode).",
+        "The positive prompt with the face tokens tau(z_y) of the image appended (unchanged for a degrade "
+        "checkpoint).",
+        "The negative prompt with the null face tokens tau(0) appended (unchanged for a degrade checkpoint).",
         "An empty latent of the image's size and batch: sample this one (denoise 1.0).",
     )
 
@@ -303,16 +398,15 @@ class BFRApplyFlipNet:
                 "model": ("MODEL", {"tooltip": "SD2.1-base (512, eps-prediction) from the checkpoint loader."}),
                 "flipnet": ("BFR_FLIPNET", {"tooltip": "From BFR Load FlipNet."}),
                 "vae": ("VAE", {"tooltip": "The SD2.1 VAE, to encode the condition image."}),
-                "image": ("IMAGE", {"tooltip": "restore: the low-quality face(s) to restore; degrade: the clean "
-                                               "face(s) to degrade. Aligned face crops, sides multiples of 8 "
+                "image": ("IMAGE", {"tooltip": "The condition: with a restore checkpoint the low-quality face(s) "
+                                               "to restore, with a degrade checkpoint the clean face(s) to "
+                                               "degrade. Aligned face crops, sides multiples of 8 "
                                                "(512x512 as in training)."}),
                 "positive": ("CONDITIONING", {"tooltip": "Prompt from CLIPTextEncode with this checkpoint's CLIP "
-                                                         "(restore: a caption or empty; degrade: empty)."}),
-                "negative": ("CONDITIONING", {"tooltip": "Negative prompt (restore: 'low quality, blurry, ...'; "
-                                                         "degrade: empty)."}),
-                "mode": (list(FLIPNET_MODES), {"default": "restore", "tooltip": "restore: generate HQ from the LQ image; degrade: "
-                                                                  "generate LQ from the HQ image. Must match the "
-                                                                  "checkpoint's mode."}),
+                                                         "(restore checkpoint: a caption or empty; degrade checkpoint: "
+                                                         "empty)."}),
+                "negative": ("CONDITIONING", {"tooltip": "Negative prompt (restore checkpoint: 'low quality, blurry, "
+                                                         "...'; degrade checkpoint: empty)."}),
                 "phi": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
                                   "tooltip": "BoostHub enhance weight: how strongly the generated image follows "
                                              "the input image's features. 0 = prompt/face tokens only (identity "
@@ -336,24 +430,25 @@ class BFRApplyFlipNet:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, mode=None, phi=None, t_y_policy=None, t_y=None):
-        problem = parameter_problem(mode=mode, phi=phi, t_y_policy=t_y_policy, t_y=t_y)
+    def VALIDATE_INPUTS(cls, phi=None, t_y_policy=None, t_y=None):
+        problem = parameter_problem(phi=phi, t_y_policy=t_y_policy, t_y=t_y)
         return True if problem is None else f"[{APPLY_ID}] {problem}"
 
-    def apply(self, model, flipnet, vae, image, positive, negative, mode="restore", phi=1.0, t_y_policy="checkpoint",
-              t_y=100, lq_cache=True, seed=0):
+    def apply(self, model, flipnet, vae, image, positive, negative, phi=1.0, t_y_policy="checkpoint", t_y=100,
+              lq_cache=True, seed=0):
         import comfy.lora
         import comfy.patcher_extension as pe
 
         node = APPLY_ID
         if not isinstance(flipnet, FlipNetModel):
             raise NodeInputError(node, f"flipnet must come from {LOAD_ID}, got {type(flipnet).__name__}.")
-        problem = parameter_problem(mode=mode, phi=phi, t_y_policy=t_y_policy, t_y=t_y)
+        problem = parameter_problem(phi=phi, t_y_policy=t_y_policy, t_y=t_y)
         if problem is not None:
             raise NodeInputError(node, problem)
-        if flipnet.mode != mode:
-            raise NodeInputError(node, f"mode is {mode!r} but {flipnet.name} is a {flipnet.mode}-mode checkpoint; "
-                                       f"set mode to {flipnet.mode!r} or load a {mode}-mode checkpoint.")
+        mode = flipnet.mode  # the checkpoint decides: a restore file restores, a degrade file degrades
+        if mode not in FLIPNET_MODES:
+            raise NodeInputError(node, f"{flipnet.name} has mode {mode!r}, expected one of {FLIPNET_MODES}; "
+                                       "re-export it with `bfr train flipnet`.")
         unet_config = check_sd21_model(node, model)
         keys = _block_keys(node, flipnet, model, unet_config)
         image = prepare_image(node, image)
@@ -380,18 +475,29 @@ class BFRApplyFlipNet:
             raise NodeInputError(node, f"{flipnet.name}: only {len(applied)} of {expected} LoRA layers fit this "
                                        "MODEL; the checkpoint was trained on another UNet. Use the SD2.1-base "
                                        "checkpoint it was trained with.")
-        m.set_model_attn1_patch(BoostHubStash())
-        m.set_model_attn1_output_patch(BoostHubOutput(flipnet.hubs, keys, phi, node=node, source=flipnet.name))
-        wrapper = JointBatchWrapper(condition, noise, sigma_y, lq_cache=lq_cache, node=node)
-        m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
-        m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, wrapper.outer_sample)
-        m.set_additional_models(WRAPPER_KEY, [flipnet.hub_patcher()])
+        dtype = unet_compute_dtype(model)  # the bank is kept in the UNet's compute dtype: the patch casts nothing
+        wrapper = None
+        if phi > 0 and not flipnet.boosthub_is_zero:
+            first = first_block(keys)
+            share = SHARE_CFG_ROWS and first is not None and not _has_attn1_replace(m, first)
+            m.set_model_attn1_patch(BoostHubStash(first if share else None))
+            if share:  # another node's attn1 replace on that block is kept: its rows are then computed one by one
+                m.set_model_attn1_replace(SharedRowsAttention(comfy_attention), *first)
+            m.set_model_attn1_output_patch(BoostHubOutput(flipnet.bank(dtype), keys, phi, node=node, source=flipnet.name))
+            wrapper = JointBatchWrapper(condition, noise, sigma_y, lq_cache=lq_cache, node=node)
+            m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
+            m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, wrapper.outer_sample)
+            m.set_additional_models(WRAPPER_KEY, [flipnet.hub_patcher(dtype)])
+        else:  # phi * F_ro is exactly 0: the condition stream cannot reach the output, so it is not run at all
+            logger.info("%s: BoostHub adds nothing (%s); the condition image is not run and the MODEL is the LoRA-only "
+                        "model%s.", node, "phi = 0" if phi <= 0 else f"{flipnet.name} has zero W_o everywhere",
+                        " with face tokens" if mode == "restore" and flipnet.has_face_embedder else "")
 
         # prompts: + face tokens (restore), unchanged (degrade)
         pos, neg = positive, negative
         if mode == "restore":
             if flipnet.has_face_embedder:
-                c_id, c_null = self.face_tokens(flipnet, image)
+                c_id, c_null = self.face_tokens(flipnet, image, dtype)
                 pos = _with_tokens(node, positive, c_id, "positive")
                 neg = _with_tokens(node, negative, c_null, "negative")
             else:
@@ -399,20 +505,32 @@ class BFRApplyFlipNet:
                                flipnet.name)
         latent = {"samples": torch.zeros_like(raw, device="cpu")}
         logger.info("%s: %s mode, phi=%.3g, t_y policy %s%s, %d image(s) %dx%d.", node, mode, phi, policy,
-                    f" (t_y={ty}, LQ cache {'on' if wrapper.lq_cache else 'off'})" if policy == "fixed" else "",
+                    f" (t_y={ty}, LQ cache {'on' if wrapper is not None and wrapper.lq_cache else 'off'})"
+                    if policy == "fixed" else "",
                     image.shape[0], image.shape[2], image.shape[1])
         return m, pos, neg, latent
 
     @staticmethod
     @torch.no_grad()
-    def face_tokens(flipnet: FlipNetModel, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def face_tokens(flipnet: FlipNetModel, image: torch.Tensor, dtype: torch.dtype | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(tau(z_y), tau(0)) for IMAGE (B,H,W,3) through :func:`..lora.face_embedder.face_tokens`, the computation
-        :meth:`FlipNetPipeline.face_tokens` uses too."""
-        enc, ada = flipnet.face_encoder, flipnet.adapter
-        device = torch_device()
-        enc.to(device)
-        ada.to(device)
-        c_id, c_null = face_tokens(enc, ada, image.movedim(-1, 1), flipnet.checkpoint.face_image_size)
+        :meth:`FlipNetPipeline.face_tokens` uses too, in ``dtype`` (the UNet's compute dtype) on the device ComfyUI
+        loads the face modules to (``load_models_gpu``: counted, and offloaded when memory is needed)."""
+        import comfy.model_management as mm
+
+        dtype = dtype or flipnet.stored_dtype
+        patcher = flipnet.face_patcher(dtype)
+        mm.load_models_gpu([patcher])
+        face = patcher.model
+        pixels = image.movedim(-1, 1)
+        size = flipnet.checkpoint.face_image_size
+        c_id, c_null = face_tokens(face.encoder, face.adapter, pixels, size)
+        if dtype != torch.float32 and not (torch.isfinite(c_id).all() and torch.isfinite(c_null).all()):
+            logger.warning("%s: the face tokens overflowed in %s; computing them in float32.", APPLY_ID, dtype)
+            face32 = flipnet.face_patcher(torch.float32)
+            mm.load_models_gpu([face32])
+            c_id, c_null = face_tokens(face32.model.encoder, face32.model.adapter, pixels, size)
         out = intermediate_device()
         return c_id.float().to(out), c_null.float().to(out)
 

@@ -8,7 +8,10 @@
   ``OUTER_SAMPLE`` wrapper) clears the cache at the start and end of every sampling run.
 * :class:`BoostHubStash` -- an ``attn1_patch`` that keeps ``n = norm1(x)`` for the same block call;
 * :class:`BoostHubOutput` -- an ``attn1_output_patch`` that hands the layer's output and the stashed ``n`` to
-  :func:`..lora.boosthub.boosthub_forward`, the one BoostHub dispatch the diffusers processor calls too.
+  :func:`..lora.boosthub.boosthub_forward`, the one BoostHub dispatch the diffusers processor calls too;
+* :class:`SharedRowsAttention` -- an ``attn1`` replace on the UNet's first transformer block: under CFG the cond and
+  uncond chunks are bitwise equal there (checked by the stash), so that self-attention and its BoostHub branch run
+  for one chunk and are copied to the others (below the per-row compute floor; same numbers to float rounding).
 
 They talk through ``transformer_options`` / ``extra_options`` (``BasicTransformerBlock.forward`` copies every
 ``transformer_options`` key into one ``extra_options`` dict per block call and passes that dict to each patch):
@@ -16,7 +19,8 @@ They talk through ``transformer_options`` / ``extra_options`` (``BasicTransforme
 * ``bfr_flipnet_joint`` -- set by the wrapper: the rows are ``cat([input, condition])``;
 * ``bfr_flipnet_record`` -- a dict the patches fill with ``{block key: (K_y, V_y)}`` (condition rows only);
 * ``bfr_flipnet_replay`` -- ``{block key: (K_y, V_y)}`` to use (input rows only);
-* ``bfr_flipnet_n`` -- the stashed ``norm1`` output, popped by the output patch.
+* ``bfr_flipnet_n`` -- the stashed ``norm1`` output, popped by the output patch;
+* ``bfr_flipnet_shared`` -- first block only: ``(streams, chunks)`` when the CFG chunks hold equal rows.
 
 Pure torch: nothing here imports ComfyUI, so the patches are unit-tested with the arguments ComfyUI gives them
 (``tests/test_boosthub.py``). Every object returns itself from ``__deepcopy__`` (``ModelPatcher.clone`` deep-copies
@@ -36,6 +40,7 @@ JOINT = "bfr_flipnet_joint"  # transformer_options flag: rows in the current UNe
 STASH = "bfr_flipnet_n"  # extra_options slot for norm1(x) of the current block call
 RECORD = "bfr_flipnet_record"  # LQ cache: {block key: (K_y, V_y)} filled by a condition-only pass
 REPLAY = "bfr_flipnet_replay"  # LQ cache: {block key: (K_y, V_y)} used by an input-only pass
+SHARED = "bfr_flipnet_shared"  # first block only: (streams, chunks) when every CFG chunk of a stream holds equal rows
 
 BlockKey = tuple[str, int, int]  # ComfyUI (block name, number, block_index)
 
@@ -62,12 +67,85 @@ def block_key(extra_options: dict) -> BlockKey | None:
     return block[0], int(block[1]), int(extra_options.get("block_index", 0))
 
 
+# ---------------------------------------------------------------------------------------------- shared CFG rows
+# Under CFG the cond and uncond chunks of one UNet call hold the same latent at the same sigma; they only diverge at
+# the first cross-attention. So the first transformer block's self-attention (4096 tokens at 512 px) and its BoostHub
+# branch see bitwise-equal rows in every chunk of a stream, and are computed for one chunk and copied to the others.
+# The stash patch checks the equality (torch.equal, exact) on every call; anything else (cfg 1, area conds, other
+# latents) runs the plain computation. Rows are laid out [stream][chunk][row]: streams = 2 in the joint batch
+# (input, condition), 1 in the LQ cache's record / replay passes.
+
+
+def _chunked(t: torch.Tensor, streams: int, chunks: int) -> torch.Tensor:
+    return t.view(streams, chunks, t.shape[0] // (streams * chunks), *t.shape[1:])
+
+
+def first_chunks(t: torch.Tensor, streams: int, chunks: int) -> torch.Tensor:
+    """Chunk 0 of every stream: (streams * per, ...)."""
+    return _chunked(t, streams, chunks)[:, 0].reshape(-1, *t.shape[1:])
+
+
+def expand_chunks(t: torch.Tensor, streams: int, chunks: int) -> torch.Tensor:
+    """The inverse of :func:`first_chunks` for equal chunks: every stream's rows repeated for each chunk."""
+    per = t.shape[0] // streams
+    return t.view(streams, 1, per, *t.shape[1:]).expand(streams, chunks, per, *t.shape[1:]).reshape(-1, *t.shape[1:])
+
+
+def chunks_equal(t: torch.Tensor, streams: int, chunks: int) -> bool:
+    """Whether every chunk of every stream equals that stream's chunk 0, bit for bit."""
+    if t.shape[0] % (streams * chunks):
+        return False
+    v = _chunked(t, streams, chunks)
+    return all(torch.equal(v[:, 0], v[:, j]) for j in range(1, chunks))
+
+
+def shared_layout(n: torch.Tensor, extra_options: dict) -> tuple[int, int] | None:
+    """(streams, chunks) when the block's input rows repeat across CFG chunks, else None."""
+    streams = 2 if extra_options.get(JOINT) else 1
+    chunks = len(extra_options.get("cond_or_uncond") or [])
+    if chunks < 2 or n.shape[0] % (streams * chunks):
+        return None
+    return (streams, chunks) if chunks_equal(n, streams, chunks) else None
+
+
+class SharedRowsAttention:
+    """``attn1`` replace for the first transformer block: when the stash found the CFG chunks equal, the attention
+    runs on one chunk per stream and is copied to the others; otherwise it is the block's own attention.
+    ``attention(q, k, v, heads, extra_options)`` is the UNet's attention function (ComfyUI's ``optimized_attention``,
+    passed in by the node so that this module imports no ComfyUI). ``shared_calls`` counts the shared evaluations."""
+
+    def __init__(self, attention):
+        self.attention = attention
+        self.shared_calls = 0
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, q, k, v, extra_options):
+        heads = int(extra_options["n_heads"])
+        layout = extra_options.get(SHARED)
+        if layout is None or q.shape[0] != k.shape[0]:
+            return self.attention(q, k, v, heads, extra_options)
+        self.shared_calls += 1
+        out = self.attention(*(first_chunks(t, *layout) for t in (q, k, v)), heads, extra_options)
+        return expand_chunks(out, *layout)
+
+
 class BoostHubStash:
-    """``attn1_patch``: remember ``n = norm1(x)`` of the joint batch for :class:`BoostHubOutput` (same block call)."""
+    """``attn1_patch``: remember ``n = norm1(x)`` of the joint batch for :class:`BoostHubOutput` (same block call);
+    at ``first_block`` (the UNet's first transformer block, before any cross-attention) also record whether the
+    CFG chunks hold equal rows (:data:`SHARED`)."""
+
+    def __init__(self, first_block: BlockKey | None = None):
+        self.first_block = first_block
 
     def __call__(self, n, context, value, extra_options):
         if extra_options.get(JOINT) or RECORD in extra_options or REPLAY in extra_options:
             extra_options[STASH] = n
+            if self.first_block is not None and block_key(extra_options) == self.first_block:
+                layout = shared_layout(n, extra_options)
+                if layout is not None:
+                    extra_options[SHARED] = layout
         return n, context, value
 
     def __deepcopy__(self, memo):
@@ -109,13 +187,26 @@ class BoostHubOutput:
             mode, kv = "off", None
         else:
             return out
+        # the bank is loaded to the UNet's device by the additional-model patcher and stored in the UNet's compute
+        # dtype; boosthub_forward computes in n's dtype on n's device either way (a partial load that left the bank
+        # on the offload device costs a per-call cast, never a move behind the model manager's back)
         hub = self.hubs.get(path)
-        if hub.q_proj.weight.device != n.device:  # normally moved by the additional-model patcher
-            hub.to(n.device)
+        layout = extra_options.get(SHARED)
+        if layout is not None and kv is not None and not (
+                kv[0].shape[0] == n.shape[0] and chunks_equal(kv[0], *layout) and chunks_equal(kv[1], *layout)):
+            layout = None  # replayed K_y/V_y differ between chunks: compute every row
+        if layout is not None:  # equal CFG chunks: one chunk per stream, copied to the others
+            out_all = out
+            out, n = first_chunks(out, *layout), first_chunks(n, *layout)
+            kv = None if kv is None else (first_chunks(kv[0], *layout), first_chunks(kv[1], *layout))
         try:
             result, recorded = bh.boosthub_forward(out, n, hub, int(extra_options["n_heads"]), self.phi, mode, kv)
         except ValueError as exc:
             raise NodeInputError(self.node, f"self-attention block {key} ({path}): {exc}") from exc
+        if layout is not None:
+            result = out_all if mode == "record" else expand_chunks(result, *layout)
+            if recorded is not None:
+                recorded = (expand_chunks(recorded[0], *layout), expand_chunks(recorded[1], *layout))
         if recorded is not None:
             extra_options[RECORD][key] = recorded
         return result

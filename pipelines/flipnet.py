@@ -28,6 +28,7 @@ from diffusers import DDIMScheduler
 
 from ..lora.checkpoint import FLIPNET_MODES, FlipNetDefaults, apply_flipnet_checkpoint, build_face_modules, read_flipnet_checkpoint
 from ..lora import face_embedder
+from ..lora.boosthub import boosthub_is_zero, boosthub_processors
 from ..sd.diffusion import predict_x0, q_sample
 from ..sd.loader import encode_prompts, load_components
 from ..sd.vae import decode as vae_decode
@@ -130,6 +131,12 @@ class FlipNetPipeline:
         return cls(comps["unet"], comps["vae"], comps["text_encoder"], comps["tokenizer"], comps["scheduler"], state,
                    enc, ada, ckpt.face_image_size, ckpt.defaults)
 
+    def boosthub_active(self, phi: float) -> bool:
+        """Whether BoostHub can change the output: phi > 0 and some W_o non-zero. Otherwise the condition stream is
+        not run at all (no joint batch) and sampling is exactly the LoRA-only UNet's, as the ComfyUI node does."""
+        hubs = [p.hub for p in boosthub_processors(self.unet).values()]
+        return float(phi) > 0 and not boosthub_is_zero(hubs)
+
     def face_tokens(self, lq_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(tau(z_y), tau(0)) for the conditional and unconditional branches."""
         return face_embedder.face_tokens(self.face_encoder, self.adapter, lq_images, self.face_image_size)
@@ -174,13 +181,15 @@ class FlipNetPipeline:
         eps_y = eps_y.to(device, dtype)
         alphas = self.train_alphas.to(device)
         self.state.phi = float(phi)
-        cache = cfg.lq_cache and policy == "fixed"
+        boost = self.boosthub_active(phi)
+        cache = boost and cfg.lq_cache and policy == "fixed"
 
         def cond_at(t_y: int) -> torch.Tensor:
             return q_sample(cond_latent, eps_y, alphas, torch.full((b,), t_y, device=device, dtype=torch.long))
 
-        old_mode = self.state.cache_mode
+        old_mode, old_enabled = self.state.cache_mode, self.state.enabled
         try:
+            self.state.enabled = old_enabled and boost
             if cache:
                 y = cond_at(t_y_fixed).repeat(reps, 1, 1, 1)
                 self.state.kv_cache.clear()
@@ -191,7 +200,7 @@ class FlipNetPipeline:
             for i, t in enumerate(self.scheduler.timesteps):
                 x_in = self.scheduler.scale_model_input(x, t).repeat(reps, 1, 1, 1)
                 tt = torch.full((x_in.shape[0],), int(t), device=device)
-                if cache:
+                if cache or not boost:  # replay, or no BoostHub: the input stream alone
                     out = self.unet(x_in, tt, context).sample
                 else:
                     t_y = int(t) if policy == "same" else t_y_fixed
@@ -206,7 +215,7 @@ class FlipNetPipeline:
                 if callback is not None:
                     callback(i + 1, total)
         finally:
-            self.state.cache_mode = old_mode
+            self.state.cache_mode, self.state.enabled = old_mode, old_enabled
             self.state.kv_cache.clear()
         return vae_decode(self.vae, x).clamp(0.0, 1.0)
 

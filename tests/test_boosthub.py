@@ -86,6 +86,39 @@ def test_state_and_residual_validation():
         multihead_attention(torch.randn(1, 2, 8), torch.randn(1, 2, 8), torch.randn(1, 2, 8), 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_boosthub_computes_in_the_activations_dtype(dtype):
+    """An fp32 bank under a half-precision UNet: every projection runs in the activations' dtype, bit-identical to
+    the bank cast to that dtype (what ComfyUI's Apply node stores), and the output keeps that dtype."""
+    hub = _random_hub(16, seed=3)
+    torch.manual_seed(1)
+    out, normed = torch.randn(4, 6, 16).to(dtype), torch.randn(4, 6, 16).to(dtype)
+    with torch.no_grad():
+        got, _ = boosthub.boosthub_forward(out, normed, hub, 2, 1.0)
+        cast = BoostHubProjections(16).to(dtype)
+        cast.load_state_dict({k: v.to(dtype) for k, v in hub.state_dict().items()})
+        ref, _ = boosthub.boosthub_forward(out, normed, cast, 2, 1.0)
+        kv = boosthub.boosthub_kv(normed[2:], hub)
+    assert got.dtype == dtype and kv[0].dtype == dtype and kv[1].dtype == dtype
+    assert torch.equal(got, ref)
+    assert hub.q_proj.weight.dtype == torch.float32  # the bank itself is not converted
+
+
+def test_bank_from_a_state_dict_shares_the_tensors_and_knows_when_it_is_zero():
+    hub = _random_hub(16, seed=5)
+    sd = {f"mid_block.attentions.0.transformer_blocks.0.attn1.{k}": v.clone() for k, v in hub.state_dict().items()}
+    (built,) = boosthub.boosthub_modules_from_state_dict(sd).values()
+    assert built.q_proj.weight.data_ptr() == sd["mid_block.attentions.0.transformer_blocks.0.attn1.q_proj.weight"
+                                                ].data_ptr()  # no second copy of the bank
+    assert not boosthub.boosthub_is_zero([built]) and boosthub.boosthub_is_zero([BoostHubProjections(8)])
+    with torch.no_grad():
+        built.out_proj.weight.zero_()
+    assert not boosthub.boosthub_is_zero([built])  # the bias alone still adds phi * b_o
+    with torch.no_grad():
+        built.out_proj.bias.zero_()
+    assert boosthub.boosthub_is_zero([built]) and boosthub.boosthub_is_zero([])
+
+
 # ------------------------------------------------------------------------------- parity: ComfyUI patches vs processor
 # The ComfyUI wrapper (nodes/flipnet_patches.py) is driven exactly as ComfyUI drives it: BasicTransformerBlock.forward
 # (comfy/ldm/modules/attention.py:848-914) builds one extra_options dict per block call from transformer_options (all
@@ -138,7 +171,12 @@ class _Layer(torch.nn.Module):
         context = n if context_attn1 is None else context_attn1
         k = self.attn.to_k(context)
         v = self.attn.to_v(context if value_attn1 is None else value_attn1)
-        n = self.attn.to_out[0](_reference_attention(q, k, v, self.heads))
+        replace = transformer_options.get("patches_replace", {}).get("attn1", {})
+        block = (*transformer_options["block"], transformer_options.get("block_index", 0))
+        if block in replace:  # an attn1 replace gets the projected q, k, v and returns the pre-to_out result
+            n = self.attn.to_out[0](replace[block](q, k, v, extra_options))
+        else:
+            n = self.attn.to_out[0](_reference_attention(q, k, v, self.heads))
         for patch in patches.get("attn1_output_patch", []):
             n = patch(n, extra_options)
         return n + x
@@ -268,6 +306,60 @@ def test_joint_batch_wrapper_with_the_patches_equals_the_processor_on_the_joint_
     assert wrapper.condition_passes == (1 if cache else 0)
     record_figure(f"wrapper parity {policy}{' +cache' if cache else ''}", f"{worst:.1e} (|out| max {scale:.2f})")
     assert worst <= 1e-5
+
+
+def test_equal_cfg_chunks_share_the_first_block(layers, record_figure):
+    """At the first transformer block the equal cond/uncond chunks are computed once (self-attention through the
+    replace, BoostHub in the output patch) and copied: joint batch, record and replay give the every-row numbers;
+    chunks that differ are computed row by row, bit for bit as without sharing."""
+    path, (key, width, _) = next(iter(LAYERS.items()))
+    layer = layers[path]
+    every = _comfy_patches(layers, 1.0)
+    rows_seen = []
+
+    def attention(q, k, v, heads, extra_options):
+        rows_seen.append(q.shape[0])
+        return _reference_attention(q, k, v, heads)
+
+    shared_attn = patches.SharedRowsAttention(attention)
+    shared = dict(every, attn1_patch=[patches.BoostHubStash(first_block=key)])
+    replace = {"attn1": {key: shared_attn}}
+    torch.manual_seed(5)
+    per = 2
+    stream_in, stream_y = torch.randn(per, 24, width), torch.randn(per, 24, width)
+    joint = torch.cat([stream_in, stream_in, stream_y, stream_y])  # [input: uncond, cond][condition: uncond, cond]
+    worst = 0.0
+    with torch.no_grad():
+        ref = layer.comfy(joint, _options(key, 4 * per, every, **{patches.JOINT: 4 * per}))
+        got = layer.comfy(joint, dict(_options(key, 4 * per, shared, **{patches.JOINT: 4 * per}),
+                                      patches_replace=replace))
+        assert rows_seen == [2 * per] and shared_attn.shared_calls == 1  # one chunk per stream
+        worst = max(worst, (got - ref).abs().max().item())
+        store_ref, store = {}, {}
+        rec_ref = layer.comfy(joint[2 * per:], _options(key, 2 * per, every, **{patches.RECORD: store_ref}))
+        rec = layer.comfy(joint[2 * per:], dict(_options(key, 2 * per, shared, **{patches.RECORD: store}),
+                                                patches_replace=replace))
+        worst = max(worst, (rec - rec_ref).abs().max().item(),
+                    *((a - b).abs().max().item() for a, b in zip(store[key], store_ref[key])))
+        assert torch.equal(store[key][0][:per], store[key][0][per:])  # recorded K_y: equal chunks by construction
+        rep_ref = layer.comfy(joint[:2 * per], _options(key, 2 * per, every, **{patches.REPLAY: store_ref}))
+        rep = layer.comfy(joint[:2 * per], dict(_options(key, 2 * per, shared, **{patches.REPLAY: store}),
+                                                patches_replace=replace))
+        worst = max(worst, (rep - rep_ref).abs().max().item())
+        assert shared_attn.shared_calls == 3
+        torch.testing.assert_close(rep, got[:2 * per], atol=1e-5, rtol=0)  # replay = the joint batch's input rows
+        # chunks that differ: nothing shared, the block's own numbers bit for bit
+        other = joint.clone()
+        other[per:2 * per] += 0.1
+        ref_other = layer.comfy(other, _options(key, 4 * per, every, **{patches.JOINT: 4 * per}))
+        got_other = layer.comfy(other, dict(_options(key, 4 * per, shared, **{patches.JOINT: 4 * per}),
+                                            patches_replace=replace))
+    assert shared_attn.shared_calls == 3 and torch.equal(got_other, ref_other)
+    record_figure("shared CFG chunks (patches)", f"max|diff| {worst:.1e}")
+    assert worst <= 1e-6
+    x = torch.arange(12.0).view(6, 2)
+    assert torch.equal(patches.first_chunks(x, 2, 3), x[[0, 3]]) and patches.chunks_equal(
+        patches.expand_chunks(x[[0, 3]], 2, 3), 2, 3) and not patches.chunks_equal(x, 2, 3)
 
 
 def test_patches_reject_what_does_not_fit(layers):

@@ -90,6 +90,33 @@ def test_dropped_face_embedding_is_the_null_embedding():
         drop_mask(2, 1.5)
 
 
+def test_appended_tokens_always_change_cross_attention():
+    """Why no face-token set is an exact no-op (null_face_tokens docstring): with SD's bias-free to_k / to_v, appending
+    N all-zero tokens scales the attention output by Z / (Z + N), Z = sum_i exp(q.k_i / sqrt d) over the text keys;
+    any other finite tokens change it too. Only appending nothing leaves it unchanged."""
+    torch.manual_seed(0)
+    heads, d, width = 2, 8, 16
+    to_q, to_k, to_v = (torch.nn.Linear(width, width, bias=False) for _ in range(3))
+    hidden, text = torch.randn(1, 5, width), torch.randn(1, 7, width)
+
+    def attend(context):
+        q = to_q(hidden).view(1, -1, heads, d).transpose(1, 2)
+        k = to_k(context).view(1, -1, heads, d).transpose(1, 2)
+        v = to_v(context).view(1, -1, heads, d).transpose(1, 2)
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -1) @ v, q, k
+
+    with torch.no_grad():
+        plain, q, k = attend(text)
+        z = torch.exp(q @ k.transpose(-1, -2) / math.sqrt(d)).sum(-1, keepdim=True)
+        n = 4
+        zeros, _, _ = attend(append_face_tokens(text, torch.zeros(1, n, width)))
+        other, _, _ = attend(append_face_tokens(text, torch.randn(1, n, width)))
+        empty, _, _ = attend(append_face_tokens(text, torch.zeros(1, 0, width)))
+    torch.testing.assert_close(zeros, plain * z / (z + n), atol=1e-6, rtol=1e-5)
+    assert (zeros - plain).abs().max() > 1e-3 and (other - plain).abs().max() > 1e-3
+    assert torch.equal(empty, plain)
+
+
 def test_symmetric_patch_ce_matches_definition():
     torch.manual_seed(0)
     zx, zy = torch.randn(2, 5, 8), torch.randn(2, 5, 8)

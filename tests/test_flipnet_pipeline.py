@@ -28,7 +28,10 @@ from comfyui_bfr.sd.diffusion import sd_alphas_cumprod
 from comfyui_bfr.sd.loader import encode_prompts
 from comfyui_bfr.sd.vae import decode as vae_decode
 from comfyui_bfr.sd.vae import encode as vae_encode
-from fixtures.flipnet import micro_components, write_faces, write_flipnet_checkpoint, write_micro_folder
+from comfyui_bfr.lora.face_embedder import AdapterConfig, FaceAdapter, FaceAutoencoderPair, LQFaceEncoder
+from comfyui_bfr.train.flipnet import prepare_flipnet_unet
+from fixtures.flipnet import TINY_FACE, build_micro_unet, micro_components, write_faces, write_flipnet_checkpoint, \
+    write_micro_folder
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +198,79 @@ def test_degrade_all_zero_checkpoint_equals_the_base_model(tmp_path, record_figu
         worst = max(worst, (out - ref).abs().max().item())
     record_figure("degrade all-zero ckpt vs base", f"{worst:.1e}")
     assert worst <= 1e-6
+
+
+def _write_micro(path, *, face: bool, zero_lora: bool, zero_wo: bool):
+    """A restore-mode file for the micro UNet: every trained tensor N(0, 0.1)-shifted, then the LoRA (A and B) and/or
+    the BoostHub W_o (weight and bias) zeroed; ``face``: with a tiny LQ face encoder + random adapter."""
+    unet = build_micro_unet(0)
+    prepare_flipnet_unet(unet, 4, None, 1.0)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+                if (zero_lora and "lora_" in name) or (zero_wo and ".processor.hub.out_proj." in name):
+                    p.zero_()
+    kw = {}
+    if face:
+        torch.manual_seed(0)
+        kw = dict(face_encoder=LQFaceEncoder.from_pair(FaceAutoencoderPair(TINY_FACE)),
+                  adapter=FaceAdapter(AdapterConfig(in_dim=TINY_FACE.token_dim, out_dim=1024, hidden_dim=64)),
+                  face_image_size=32)
+    return ck.save_flipnet_checkpoint(path, unet, mode="restore", defaults=ck.FlipNetDefaults(1.0, "fixed", 50), **kw)
+
+
+_NOOP_CASES = (dict(t_y_policy="fixed", phi=1.0), dict(t_y_policy="fixed", phi=2.0, lq_cache=False),
+               dict(t_y_policy="same", phi=1.0))
+
+
+def test_restore_without_face_embedder_zero_lora_and_zero_boosthub_is_the_base_model(tmp_path, record_figure):
+    """No face embedder (no tokens appended), zero LoRA, zero W_o: the plain SD sampler on the base UNet, bit for bit
+    (the pipeline does not run the condition stream when BoostHub provably adds 0)."""
+    path = _write_micro(tmp_path / "zero.safetensors", face=False, zero_lora=True, zero_wo=True)
+    pipe = FlipNetPipeline.from_checkpoint(None, path, components=micro_components(0))
+    base = _pipeline_on(micro_components(0)["unet"])
+    assert pipe.face_encoder is None and not pipe.boosthub_active(1.0)
+    lq = _lq(2, seed=13)
+    worst = 0.0
+    for case in _NOOP_CASES:
+        cfg = FlipNetSampleConfig(mode="restore", num_inference_steps=2, seed=4, **case)
+        out, ref = pipe(lq, cfg), base(lq, cfg)
+        worst = max(worst, (out - ref).abs().max().item())
+        assert torch.equal(out, ref), case
+    record_figure("restore no-face zero ckpt vs base", f"{worst:.1e}")
+
+
+def test_restore_phi_zero_with_zero_lora_is_the_base_model(tmp_path):
+    """phi = 0 + zero LoRA, W_o NOT zero, no face tokens: the base model bit for bit; phi = 1 is not."""
+    path = _write_micro(tmp_path / "zero_lora.safetensors", face=False, zero_lora=True, zero_wo=False)
+    pipe = FlipNetPipeline.from_checkpoint(None, path, components=micro_components(0))
+    base = _pipeline_on(micro_components(0)["unet"])
+    lq = _lq(2, seed=14)
+    cfg = dict(mode="restore", num_inference_steps=2, seed=5)
+    ref = base(lq, FlipNetSampleConfig(**cfg))
+    assert torch.equal(pipe(lq, FlipNetSampleConfig(phi=0.0, **cfg)), ref)
+    assert (pipe(lq, FlipNetSampleConfig(phi=1.0, **cfg)) - ref).abs().max() > 1e-3
+
+
+def test_a_zero_adapter_checkpoint_differs_from_the_base_model_only_by_its_face_tokens(tmp_path, record_figure):
+    """Zero LoRA and W_o WITH a face embedder: the prompts get tau(z_y) / tau(0) (the neutral set, see
+    lora/face_embedder.py). Exact: the base UNet given the same face tokens. Not equal, and it cannot be: the base
+    UNet without them (appended keys change every cross-attention softmax)."""
+    path = _write_micro(tmp_path / "face_zero.safetensors", face=True, zero_lora=True, zero_wo=True)
+    pipe = FlipNetPipeline.from_checkpoint(None, path, components=micro_components(0))
+    plain = _pipeline_on(micro_components(0)["unet"])
+    with_tokens = _pipeline_on(micro_components(0)["unet"])
+    with_tokens.face_encoder, with_tokens.adapter = pipe.face_encoder, pipe.adapter
+    with_tokens.face_image_size = pipe.face_image_size
+    lq = _lq(2, seed=15)
+    cfg = FlipNetSampleConfig(mode="restore", num_inference_steps=2, seed=6)
+    out = pipe(lq, cfg)
+    assert torch.equal(out, with_tokens(lq, cfg))
+    diff = (out - plain(lq, cfg)).abs().max().item()
+    record_figure("zero-adapter ckpt vs base", f"same tokens 0; without the tokens {diff:.2e}")
+    assert diff > 1e-4
 
 
 @pytest.mark.parametrize("mode", ["restore", "degrade"])

@@ -79,3 +79,89 @@ def test_converter_rejects_unknown_node_type():
     ui["nodes"][0]["type"] = "NoSuchNode"
     with pytest.raises(WorkflowFormatError, match="unknown type"):
         ui_to_api(ui, object_info())
+
+
+# ------------------------------------------------------------------------------------------- FlipNet workflows
+FLIPNET_WORKFLOWS = {"restore_flipnet": "restore", "degrade_flipnet": "degrade", "restore_dr2_then_flipnet": "restore"}
+
+
+def _api(stem: str) -> dict:
+    return json.loads((ROOT / "workflows" / "api" / f"{stem}.json").read_text())
+
+
+def _one(prompt: dict, class_type: str) -> tuple[str, dict]:
+    found = [(nid, n) for nid, n in prompt.items() if n["class_type"] == class_type]
+    assert len(found) == 1, f"expected one {class_type}, found {len(found)}"
+    return found[0]
+
+
+def _text_of(prompt: dict, link) -> str:
+    src = prompt[link[0]]
+    assert src["class_type"] == "CLIPTextEncode", f"prompt input comes from {src['class_type']}, not CLIPTextEncode"
+    return src["inputs"]["text"]
+
+
+def test_flipnet_workflows_ship_and_every_flipnet_workflow_is_checked_here():
+    shipped = {p.stem for p in UI_FILES if any(n["type"] == "BFRApplyFlipNet"
+                                                for n in json.loads(p.read_text())["nodes"])}
+    assert shipped == set(FLIPNET_WORKFLOWS), shipped
+
+
+@pytest.mark.parametrize("stem,mode", sorted(FLIPNET_WORKFLOWS.items()))
+def test_flipnet_workflow_is_wired_as_the_paper_samples(stem, mode):
+    """Load FlipNet -> Apply FlipNet (MODEL/VAE/CLIP of one checkpoint) -> KSampler on Apply's MODEL, prompts and
+    LATENT (denoise 1) -> VAEDecode -> SaveImage; restore: CFG 1.5 and the paper's negative prompt; degrade: the null
+    prompt on both sides. The FlipNet file is the one `bfr train flipnet` writes for that mode."""
+    from comfyui_bfr.pipelines.flipnet import DEFAULT_NEGATIVE_PROMPT
+
+    prompt = _api(stem)
+    ckpt_id, _ = _one(prompt, "CheckpointLoaderSimple")
+    load_id, load = _one(prompt, "BFRLoadFlipNet")
+    assert load["inputs"]["flipnet_name"] == f"flipnet_{mode}.safetensors"
+    apply_id, apply = _one(prompt, "BFRApplyFlipNet")
+    a = apply["inputs"]
+    assert (a["model"], a["vae"], a["flipnet"]) == ([ckpt_id, 0], [ckpt_id, 2], [load_id, 0])
+    assert a["t_y_policy"] == "checkpoint" and a["phi"] == 1.0, "ship the checkpoint's t_y policy and phi 1 (paper)"
+    for side in ("positive", "negative"):
+        assert prompt[a[side][0]]["inputs"]["clip"] == [ckpt_id, 1]
+    ks_id, ks = _one(prompt, "KSampler")
+    k = ks["inputs"]
+    assert (k["model"], k["positive"], k["negative"], k["latent_image"]) == \
+        ([apply_id, 0], [apply_id, 1], [apply_id, 2], [apply_id, 3])
+    assert k["denoise"] == 1.0
+    _, dec = _one(prompt, "VAEDecode")
+    assert dec["inputs"] == {"samples": [ks_id, 0], "vae": [ckpt_id, 2]}
+    _, save = _one(prompt, "SaveImage")
+    assert prompt[save["inputs"]["images"][0]]["class_type"] == "VAEDecode"
+    if mode == "restore":
+        assert k["cfg"] == 1.5
+        assert _text_of(prompt, a["negative"]) == DEFAULT_NEGATIVE_PROMPT
+        assert _text_of(prompt, a["positive"]) != DEFAULT_NEGATIVE_PROMPT
+    else:  # null prompt on both sides: CFG would only double the work
+        assert _text_of(prompt, a["positive"]) == _text_of(prompt, a["negative"]) == ""
+
+
+def test_dr2_then_flipnet_feeds_the_dr2_image_into_flipnet():
+    prompt = _api("restore_dr2_then_flipnet")
+    ckpt_id, _ = _one(prompt, "CheckpointLoaderSimple")
+    image_id, _ = _one(prompt, "LoadImage")
+    dr2_id, dr2 = _one(prompt, "BFRDR2Restore")
+    _, apply = _one(prompt, "BFRApplyFlipNet")
+    assert dr2["inputs"]["image"] == [image_id, 0]
+    assert (dr2["inputs"]["model"], dr2["inputs"]["vae"]) == ([ckpt_id, 0], [ckpt_id, 2])
+    assert apply["inputs"]["image"] == [dr2_id, 0], "FlipNet must enhance the DR2 output, not the raw input"
+    # the DR2 stage keeps the settings of the shipped DR2 workflow
+    alone = _one(_api("restore_dr2"), "BFRDR2Restore")[1]["inputs"]
+    assert {k: v for k, v in dr2["inputs"].items() if not isinstance(v, list)} == \
+        {k: v for k, v in alone.items() if not isinstance(v, list)}
+
+
+def test_workflow_ids_follow_the_naming_rule_and_are_unique():
+    import uuid
+
+    ids = {}
+    for path in UI_FILES:
+        wf_id = json.loads(path.read_text())["id"]
+        assert wf_id == str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-bfr/{path.stem}")), path.name
+        ids[wf_id] = path.name
+    assert len(ids) == len(UI_FILES)

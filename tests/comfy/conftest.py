@@ -170,12 +170,22 @@ def comfy_models(tiny_checkpoint):
     return model, vae
 
 
+@pytest.fixture(scope="session")
+def tiny_flipnet_checkpoints() -> dict[str, Path]:
+    """{mode: file}: one restore and one degrade FlipNet checkpoint for the tiny checkpoint's UNet, non-zero LoRA,
+    BoostHub and (restore) face embedder, written with the pack's own code and cached (see fixtures.flipnet)."""
+    from fixtures.flipnet import cached_tiny_flipnet_checkpoint
+
+    return {mode: cached_tiny_flipnet_checkpoint(mode, seed=0) for mode in ("restore", "degrade")}
+
+
 EXTRA_MODELS = "extra_models"  # <base>/extra_models/bfr: a 'bfr' folder from extra_model_paths.yaml
 
 
 @pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory, tiny_checkpoint):
-    """A headless ComfyUI on CPU with this pack in custom_nodes and the tiny checkpoint (see server.py).
+def comfy_server(tmp_path_factory, tiny_checkpoint, tiny_flipnet_checkpoints):
+    """A headless ComfyUI on CPU with this pack in custom_nodes, the tiny checkpoint and, in models/bfr, the tiny
+    FlipNet checkpoints under ``server.FLIPNET_NAMES`` (``srv.flipnet_names``: mode -> name) (see server.py).
 
     It also reads an ``extra_model_paths.yaml`` with a ``bfr`` entry (``<base>/extra_models/bfr``), as users
     configure shared model folders, so that the pack's ``models/bfr`` registration is tested to extend it."""
@@ -185,7 +195,9 @@ def comfy_server(tmp_path_factory, tiny_checkpoint):
     (base / EXTRA_MODELS / "bfr").mkdir(parents=True)
     yaml_path = base / "extra_model_paths.yaml"
     yaml_path.write_text(f"bfr_tests:\n    base_path: {base / EXTRA_MODELS}\n    bfr: bfr/\n")
-    with server.comfy_server_session(base, checkpoint=tiny_checkpoint,
+    bfr_models = {server.FLIPNET_NAMES[mode]: path for mode, path in tiny_flipnet_checkpoints.items()}
+    with server.comfy_server_session(base, checkpoint=tiny_checkpoint, bfr_models=bfr_models,
                                      extra_args=["--extra-model-paths-config", str(yaml_path)]) as srv:
         srv.extra_model_dirs["bfr"] = base / EXTRA_MODELS / "bfr"
+        srv.flipnet_names.update({mode: server.FLIPNET_NAMES[mode] for mode in tiny_flipnet_checkpoints})
         yield srv

@@ -4,7 +4,9 @@
 the session fixture ``comfy_server``):
 
 - ``base_dir`` becomes ComfyUI's ``--base-directory``: ``custom_nodes/comfyui-bfr`` is a symlink to this checkout,
-  ``models/checkpoints/<name>`` a symlink to the tiny checkpoint; input/output/temp/user are created by ComfyUI;
+  ``models/checkpoints/<name>`` a symlink to the tiny checkpoint, ``models/bfr/<name>`` one to each file of
+  ``bfr_models`` (``{name on the server: file}``, e.g. the tiny FlipNet checkpoints); input/output/temp/user are
+  created by ComfyUI;
 - ComfyUI runs as ``$COMFYUI_PYTHON main.py --cpu --listen 127.0.0.1 --port <free port> --disable-auto-launch
   --base-directory <base> --database-url sqlite:///:memory: --disable-api-nodes`` (default Python:
   ``$COMFYUI_PATH/.venv/bin/python``), cwd ``$COMFYUI_PATH``, stdout+stderr to ``<base>/comfyui.log``;
@@ -33,6 +35,8 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 PACK_FOLDER = "comfyui-bfr"
 CHECKPOINT_NAME = "bfr_tiny_sd2.safetensors"
+# names of the tiny FlipNet checkpoints in the test server's models/bfr (tests/fixtures/flipnet.py), by mode
+FLIPNET_NAMES = {"restore": "bfr_tiny_flipnet_restore.safetensors", "degrade": "bfr_tiny_flipnet_degrade.safetensors"}
 
 
 class ComfyServerError(RuntimeError):
@@ -71,6 +75,8 @@ class ComfyServer:
     startup_seconds: float = 0.0
     node_ids: list[str] = field(default_factory=list)
     extra_model_dirs: dict[str, Path] = field(default_factory=dict)  # folder name -> a dir from extra_model_paths
+    bfr_models: dict[str, Path] = field(default_factory=dict)  # name in models/bfr -> the file it links to
+    flipnet_names: dict[str, str] = field(default_factory=dict)  # FlipNet mode -> its name in models/bfr
 
     @property
     def input_dir(self) -> Path:
@@ -92,19 +98,23 @@ class ComfyServer:
         return self.process.poll() is None
 
 
+def _link(target: Path, source: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(Path(source).resolve())
+
+
 def prepare_base(base: Path, checkpoint: Path | None = None, checkpoint_name: str = CHECKPOINT_NAME,
-                 pack_dir: Path = REPO) -> Path:
+                 pack_dir: Path = REPO, bfr_models: dict[str, Path] | None = None) -> Path:
     base = Path(base)
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / PACK_FOLDER
     if not link.exists():
         link.symlink_to(pack_dir, target_is_directory=True)
     if checkpoint is not None:
-        ckpt_dir = base / "models" / "checkpoints"
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        target = ckpt_dir / checkpoint_name
-        if not target.exists():
-            target.symlink_to(Path(checkpoint).resolve())
+        _link(base / "models" / "checkpoints" / checkpoint_name, checkpoint)
+    for name, source in (bfr_models or {}).items():
+        _link(base / "models" / "bfr" / name, source)
     return base
 
 
@@ -160,12 +170,13 @@ def stop(srv: ComfyServer, grace: float = 20.0) -> None:
 def comfy_server_session(base_dir, checkpoint: Path | None = None, comfyui_path: Path | None = None,
                          python: str | None = None, expect_nodes: Iterable[str] | None = None,
                          extra_args: Iterable[str] = (), startup_timeout: float = 300.0,
-                         pack_dir: Path = REPO) -> Iterator[ComfyServer]:
+                         pack_dir: Path = REPO, bfr_models: dict[str, Path] | None = None
+                         ) -> Iterator[ComfyServer]:
     """Run ComfyUI for the duration of the ``with`` block; yields a :class:`ComfyServer`."""
     comfyui_path = Path(comfyui_path or os.environ.get("COMFYUI_PATH", "")).resolve()
     if not (comfyui_path / "main.py").is_file():
         raise ComfyServerError(f"COMFYUI_PATH={comfyui_path} has no main.py")
-    base = prepare_base(Path(base_dir), checkpoint, pack_dir=pack_dir)
+    base = prepare_base(Path(base_dir), checkpoint, pack_dir=pack_dir, bfr_models=bfr_models)
     port = free_port()
     py = python or comfy_python(comfyui_path)
     cmd = [py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
@@ -181,7 +192,8 @@ def comfy_server_session(base_dir, checkpoint: Path | None = None, comfyui_path:
         proc = subprocess.Popen(cmd, cwd=str(comfyui_path), env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
     srv = ComfyServer(url=f"http://127.0.0.1:{port}", base=base, log_path=log_path, process=proc,
-                      checkpoint_name=CHECKPOINT_NAME if checkpoint is not None else None, node_ids=expect)
+                      checkpoint_name=CHECKPOINT_NAME if checkpoint is not None else None, node_ids=expect,
+                      bfr_models={name: Path(src) for name, src in (bfr_models or {}).items()})
     try:
         _wait_ready(srv, expect, startup_timeout)
         srv.startup_seconds = time.monotonic() - t0

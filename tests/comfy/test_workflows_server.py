@@ -1,7 +1,9 @@
 """Every shipped API workflow, queued on a real headless ComfyUI through our client, exactly as users run it.
 
 Only the inputs a user would change differ: every CheckpointLoaderSimple ``ckpt_name`` points at the tiny SD2
-checkpoint (tests/fixtures/tiny_sd.py) and every LoadImage at an uploaded 128 px test photo.
+checkpoint (tests/fixtures/tiny_sd.py), every BFR Load FlipNet ``flipnet_name`` (``flipnet_<mode>.safetensors``, what
+``bfr train flipnet`` writes) at the tiny FlipNet checkpoint of that mode (tests/fixtures/flipnet.py, non-zero
+LoRA/BoostHub/face embedder on the tiny checkpoint's UNet) and every LoadImage at an uploaded 128 px test photo.
 """
 
 from __future__ import annotations
@@ -68,12 +70,18 @@ def test_there_are_api_workflows():
     assert API_WORKFLOWS, "workflows/api/ must hold the API-format twins of the shipped workflows"
 
 
-def _prepare(prompt: dict, image_name: str, checkpoint_name: str, object_info: dict) -> dict:
+def _prepare(prompt: dict, image_name: str, server, object_info: dict) -> dict:
+    """The shipped prompt with the test server's model files and the uploaded image (nothing else changed)."""
     prompt = json.loads(json.dumps(prompt))
     sets = []
+    flipnet_files = {f"flipnet_{mode}.safetensors": name for mode, name in server.flipnet_names.items()}
     for nid, node in prompt.items():
         if node.get("class_type") == "CheckpointLoaderSimple":
-            sets.append(f"{nid}.ckpt_name={checkpoint_name}")
+            sets.append(f"{nid}.ckpt_name={server.checkpoint_name}")
+        if node.get("class_type") == "BFRLoadFlipNet":
+            shipped = node["inputs"]["flipnet_name"]
+            assert shipped in flipnet_files, f"node {nid}: ships {shipped!r}, not one of {sorted(flipnet_files)}"
+            sets.append(f"{nid}.flipnet_name={flipnet_files[shipped]}")
         assert node.get("class_type") in object_info, f"node {nid}: unknown class_type {node.get('class_type')}"
     set_load_images(prompt, image_name)
     return apply_overrides(prompt, sets)
@@ -84,7 +92,7 @@ def test_workflow_runs(comfy_server, object_info, test_image, workflow, tmp_path
     prompt, _ = load_api_prompt(workflow)
     with ComfyClient(comfy_server.url) as client:
         image_name = client.upload_image(test_image)
-        prompt = _prepare(prompt, image_name, comfy_server.checkpoint_name, object_info)
+        prompt = _prepare(prompt, image_name, comfy_server, object_info)
         events = []
         prompt_id = client.queue(prompt)
         entry = client.wait(prompt_id, timeout=PROMPT_TIMEOUT_S, on_progress=events.append)
@@ -104,7 +112,7 @@ def test_workflow_runs(comfy_server, object_info, test_image, workflow, tmp_path
         with Image.open(path) as im:
             w, h = im.size
             arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-        assert 16 <= w <= 4096 and 16 <= h <= 4096, (path.name, w, h)
+        assert (w, h) == (TEST_IMAGE_PX, TEST_IMAGE_PX), f"{path.name} is {w}x{h}, the input {TEST_IMAGE_PX} px"
         assert np.isfinite(arr).all()
         assert arr.std() > 1e-3, f"{path.name} is a constant image"
 
@@ -224,7 +232,7 @@ def test_dr2_restore_and_sampler_workflows_give_the_same_image(comfy_server, obj
         prompts = {}
         for stem in ("restore_dr2", "restore_dr2_sampler"):
             prompt, _ = load_api_prompt(root / f"{stem}.json")
-            prompts[stem] = _prepare(prompt, name, comfy_server.checkpoint_name, object_info)
+            prompts[stem] = _prepare(prompt, name, comfy_server, object_info)
         a = _run_and_load(client, prompts["restore_dr2"], tmp_path / "a")
         b = _run_and_load(client, prompts["restore_dr2_sampler"], tmp_path / "b")
         assert len(a) == len(b) == 1
@@ -309,3 +317,153 @@ def test_interrupt_stops_a_long_dr2_restore_and_the_next_prompt_runs(comfy_serve
         entry = client.wait(next_id, timeout=PROMPT_TIMEOUT_S)
         assert entry["status"]["status_str"] == "success"
         assert client.outputs(next_id), "the next prompt produced no image"
+
+
+# ------------------------------------------------------------------------------------ FlipNet workflows, by property
+FLIPNET_STEPS = 4  # KSampler steps for the property runs (the shipped 50 run once in test_workflow_runs)
+DIFFERS = 2.0  # mean |difference| in 8-bit levels above which two outputs count as different
+
+
+@pytest.fixture(scope="module")
+def flipnet_inputs(comfy_server, test_image, tmp_path_factory) -> dict[str, str]:
+    """Uploaded LoadImage names: ``photo`` (the test photo), ``copy`` (the same bytes under another name, so that a
+    rerun re-executes every node instead of answering from ComfyUI's cache) and ``mirrored`` (another input)."""
+    import shutil
+
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("bfr_flipnet_inputs")
+    copy = d / "astronaut_128_copy.png"
+    shutil.copyfile(test_image, copy)
+    mirrored = d / "astronaut_128_mirrored.png"
+    with Image.open(test_image) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored)
+    with ComfyClient(comfy_server.url) as client:
+        return {"photo": client.upload_image(test_image), "copy": client.upload_image(copy),
+                "mirrored": client.upload_image(mirrored)}
+
+
+def _images_by_node(client, prompt, out_dir) -> dict[str, np.ndarray]:
+    """Run ``prompt``; {node id: 8-bit RGB image (int16)} of every image it saved or previewed (one per node)."""
+    from PIL import Image
+
+    prompt_id = client.queue(prompt)
+    client.wait(prompt_id, timeout=PROMPT_TIMEOUT_S)
+    out = {}
+    for ref in client.outputs(prompt_id):
+        assert ref["node_id"] not in out, f"node {ref['node_id']} returned more than one image"
+        with Image.open(client.download(ref, out_dir)) as im:
+            out[ref["node_id"]] = np.asarray(im.convert("RGB"), dtype=np.int16)
+    return out
+
+
+def _only(images: dict[str, np.ndarray]) -> np.ndarray:
+    assert len(images) == 1, sorted(images)
+    return next(iter(images.values()))
+
+
+def _node(prompt: dict, class_type: str) -> str:
+    (nid,) = [k for k, n in prompt.items() if n["class_type"] == class_type]
+    return nid
+
+
+def _variant(prompt: dict, **changes) -> dict:
+    """A copy of ``prompt`` with ``{node_id: {input: value}}`` changes."""
+    out = json.loads(json.dumps(prompt))
+    for nid, inputs in changes.items():
+        out[nid]["inputs"].update(inputs)
+    return out
+
+
+def _flipnet_prompt(stem, server, object_info, image_name, steps=FLIPNET_STEPS) -> dict:
+    prompt, _ = load_api_prompt(REPO / "workflows" / "api" / f"{stem}.json")
+    prompt = _prepare(prompt, image_name, server, object_info)
+    prompt[_node(prompt, "KSampler")]["inputs"]["steps"] = steps
+    return prompt
+
+
+def _plain_ksampler(prompt: dict) -> dict:
+    """The same graph without FlipNet: KSampler on the checkpoint's MODEL, the same prompts (no face tokens) and an
+    empty latent of the same size, same sampler settings and seed."""
+    out = json.loads(json.dumps(prompt))
+    apply_id, ks = _node(out, "BFRApplyFlipNet"), _node(out, "KSampler")
+    apply = out[apply_id]["inputs"]
+    out["900"] = {"class_type": "EmptyLatentImage", "inputs": {"width": TEST_IMAGE_PX, "height": TEST_IMAGE_PX,
+                                                                "batch_size": 1}}
+    out[ks]["inputs"].update(model=apply["model"], positive=apply["positive"], negative=apply["negative"],
+                             latent_image=["900", 0])
+    for nid in [apply_id, _node(out, "BFRLoadFlipNet"), _node(out, "LoadImage")]:
+        del out[nid]
+    return out
+
+
+def _mean_diff(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).mean())
+
+
+@pytest.mark.parametrize("stem,mode", [("restore_flipnet", "restore"), ("degrade_flipnet", "degrade")])
+def test_flipnet_workflow_is_seeded_and_flipnet_shapes_the_result(comfy_server, object_info, flipnet_inputs, stem,
+                                                                 mode, tmp_path, record_figure):
+    """Through the API queue, on the tiny FlipNet checkpoints: the same seeds give the same image when every node runs
+    again; the sampler seed and Apply's condition-noise seed each change it; so do phi=0, another input image, and
+    leaving FlipNet out (a plain KSampler run with the same prompts and seed). With phi=0 a restore file still
+    sees the input through its face tokens, a degrade file (no face tokens) does not see it at all."""
+    prompt = _flipnet_prompt(stem, comfy_server, object_info, flipnet_inputs["photo"])
+    ks, apply, load = _node(prompt, "KSampler"), _node(prompt, "BFRApplyFlipNet"), _node(prompt, "LoadImage")
+    with ComfyClient(comfy_server.url) as client:
+        def run(p, tag):
+            return _only(_images_by_node(client, p, tmp_path / tag))
+
+        base = run(prompt, "base")
+        assert base.shape == (TEST_IMAGE_PX, TEST_IMAGE_PX, 3) and base.std() > 1.0
+        again = run(_variant(prompt, **{load: {"image": flipnet_inputs["copy"]}}), "again")
+        assert np.array_equal(base, again), "same seeds, same input pixels: FlipNet must give the same image"
+        diffs = {
+            "sampler seed": _mean_diff(base, run(_variant(prompt, **{ks: {"seed": 1}}), "seed")),
+            "condition seed": _mean_diff(base, run(_variant(prompt, **{apply: {"seed": 1}}), "cseed")),
+            "phi=0": _mean_diff(base, run(_variant(prompt, **{apply: {"phi": 0.0}}), "phi0")),
+            "other input": _mean_diff(base, run(_variant(prompt, **{load: {"image": flipnet_inputs["mirrored"]}}),
+                                                "mirrored")),
+            "no FlipNet": _mean_diff(base, run(_plain_ksampler(prompt), "plain")),
+        }
+        phi0 = _variant(prompt, **{apply: {"phi": 0.0}})
+        phi0_other = _mean_diff(run(phi0, "phi0_again"),
+                                run(_variant(phi0, **{load: {"image": flipnet_inputs["mirrored"]}}), "phi0_mirrored"))
+    record_figure(f"{stem} mean |diff| (8-bit)",
+                  ", ".join(f"{k} {v:.1f}" for k, v in diffs.items()) + f"; phi=0 other input {phi0_other:.1f}")
+    same = {k: v for k, v in diffs.items() if v <= DIFFERS}
+    assert not same, f"{stem}: these changes did not change the output (mean |diff| <= {DIFFERS}): {same}"
+    if mode == "restore":
+        assert phi0_other > DIFFERS, "restore, phi=0: the face tokens must still carry the input image"
+    else:
+        assert phi0_other == 0.0, "degrade, phi=0: BoostHub is the only path of the input image; it must be closed"
+
+
+def test_dr2_then_flipnet_is_flipnet_on_the_dr2_image(comfy_server, object_info, flipnet_inputs, tmp_path,
+                                                      record_figure):
+    """The two-stage workflow: its stage-1 preview is exactly what restore_dr2 gives, and its result is what
+    restore_flipnet gives on that DR2 image (uploaded as 8-bit PNG, hence a small tolerance) -- and clearly not what
+    restore_flipnet gives on the raw photo."""
+    root = REPO / "workflows" / "api"
+    with ComfyClient(comfy_server.url) as client:
+        chain = _flipnet_prompt("restore_dr2_then_flipnet", comfy_server, object_info, flipnet_inputs["photo"])
+        stage1 = next(nid for nid, n in chain.items() if n["class_type"] == "PreviewImage")
+        final = next(nid for nid, n in chain.items() if n["class_type"] == "SaveImage")
+        out = _images_by_node(client, chain, tmp_path / "chain")
+        assert sorted(out) == sorted([stage1, final])
+        dr2_prompt, _ = load_api_prompt(root / "restore_dr2.json")
+        dr2 = _only(_images_by_node(client, _prepare(dr2_prompt, flipnet_inputs["photo"], comfy_server, object_info),
+                                    tmp_path / "dr2"))
+        assert np.abs(out[stage1] - dr2).max() <= 1, "stage 1 must be the shipped DR2 restore"
+        from PIL import Image
+
+        png = tmp_path / "dr2_stage.png"
+        Image.fromarray(dr2.astype(np.uint8)).save(png)
+        on_dr2 = _only(_images_by_node(client, _flipnet_prompt("restore_flipnet", comfy_server, object_info,
+                                                               client.upload_image(png)), tmp_path / "on_dr2"))
+        on_raw = _only(_images_by_node(client, _flipnet_prompt("restore_flipnet", comfy_server, object_info,
+                                                               flipnet_inputs["photo"]), tmp_path / "on_raw"))
+    to_dr2, to_raw = _mean_diff(out[final], on_dr2), _mean_diff(out[final], on_raw)
+    record_figure("dr2_then_flipnet mean |diff|", f"vs FlipNet(DR2 png) {to_dr2:.2f}, vs FlipNet(raw) {to_raw:.1f}")
+    assert to_dr2 < 1.0 and to_raw > DIFFERS and to_raw > 5 * to_dr2, (to_dr2, to_raw)
