@@ -4,9 +4,11 @@ Full SD2.1-base topology with random weights (timing only): UNet2DConditionModel
 SD21_BASE_UNET_CONFIG (866 M parameters) and, for space=pixel, the SD AutoencoderKL (SD21_BASE_VAE_CONFIG).
 Per repeat, interleaved so that machine load hits every component alike:
 
-- unet: one eps_theta(x_t, t) call at batch B, 512 px (64x64 latent), null context (DR2 runs at CFG 1);
-- latent refinement: what DR2 adds to a step in space=latent: the step's noise draws (z and eps, CPU generator)
-  plus Eq. 10 (diffuse y to the level, Phi_N down/up, add) - ilvr.LatentRefiner;
+- unet: one eps_theta(x_t, t) call at batch B, 512 px (64x64 latent), null context (DR2 runs at CFG 1), in
+  --dtype (fp32 by default) on --device;
+- latent refinement: what DR2 adds to a step in space=latent: the step's noise draws (z and eps, CPU generator,
+  moved to the device) plus Eq. 10 (diffuse y to the level, Phi_N down/up as two matmuls with ILVR's MATLAB-imresize
+  matrices, add) - ilvr.LatentRefiner, in float32 as pipelines.dr2 runs it;
 - pixel refinement: space=pixel: decode x0-hat, Phi_N in pixels, re-encode, plus the latent noise part -
   ilvr.PixelRefiner;
 - the DDPM transition itself (ilvr.ancestral_step) is reported for reference; every sampler has one.
@@ -23,8 +25,8 @@ import sys
 from pathlib import Path
 
 import torch
-from common import (build_sd21_unet, build_sd21_vae, command, machine, peak_rss_gb, require_pack, setup_logging, timed,
-                    unet_bench_parser)
+from common import (build_sd21_unet, build_sd21_vae, command, device_dtype, loadavg, machine, peak_memory_gb,
+                    peak_rss_gb, require_pack, setup_logging, timed, unet_bench_parser)
 
 ilvr, diffusion, codec = require_pack("pipelines.ilvr", "sd.diffusion", "sd.vae")
 
@@ -40,24 +42,28 @@ def main(argv=None) -> int:
     log = logging.getLogger("bench.dr2")
     if args.threads:
         torch.set_num_threads(args.threads)
-    unet = build_sd21_unet()
-    vae = None if args.no_pixel else build_sd21_vae()
+    device, dtype = device_dtype(args)
+    load_start = loadavg()
+    unet = build_sd21_unet(device=device, dtype=dtype)
+    vae = None if args.no_pixel else build_sd21_vae(device=device, dtype=dtype)
 
     b, h = args.batch, args.size // 8
     sigmas = diffusion.sigmas_from_alphas_cumprod(diffusion.sd_alphas_cumprod())
     s, s_next = float(sigmas[474]), float(sigmas[464])  # one DR2 transition (tau=22 -> omega=47 range, T=100)
-    y = torch.randn(b, 4, h, h)
-    x = torch.randn(b, 4, h, h) * (1 + s * s) ** 0.5
-    x0 = torch.randn(b, 4, h, h)
-    ctx = torch.zeros(b, 77, 1024)
-    t = torch.full((b,), 474, dtype=torch.long)
+    # latents and the refinement in float32 (pipelines.dr2 keeps them so); the UNet call in --dtype
+    y = torch.randn(b, 4, h, h, device=device)
+    x = torch.randn(b, 4, h, h, device=device) * (1 + s * s) ** 0.5
+    x0 = torch.randn(b, 4, h, h, device=device)
+    x_unet = x.to(dtype)
+    ctx = torch.zeros(b, 77, 1024, device=device, dtype=dtype)
+    t = torch.full((b,), 474, dtype=torch.long, device=device)
     noise = ilvr.DR2Noise(0, y.shape)
     latent_ref = ilvr.LatentRefiner(y, args.n_latent, "ddpm")
     pixel_ref = None
     if vae is not None:
-        y_pix = torch.rand(b, 3, args.size, args.size)  # the codec's images are in [0, 1]
+        y_pix = torch.rand(b, 3, args.size, args.size, device=device)  # the codec's images are in [0, 1]
         pixel_ref = ilvr.PixelRefiner(y_pix, args.n_pixel, lambda z: codec.decode(vae, z),
-                                      lambda im: codec.encode(vae, im), "ddpm")
+                                      lambda im: codec.encode(vae, im).float(), "ddpm")
 
     def latent_step():
         _z, eps = noise.step(x)
@@ -71,27 +77,34 @@ def main(argv=None) -> int:
     if pixel_ref is not None:
         rows["pixel_refinement"] = []
     z = torch.randn_like(x)
+    warmup = 3 if device.type == "cuda" else 1
     with torch.no_grad():
-        unet(x, t, encoder_hidden_states=ctx)  # warm-up
-        latent_step()
-        if pixel_ref is not None:
-            pixel_step()
-        for r in range(args.repeats):
-            rows["unet"].append(timed(lambda: unet(x, t, encoder_hidden_states=ctx))[0])
-            rows["latent_refinement"].append(timed(latent_step)[0])
-            rows["ddpm_transition"].append(timed(lambda: ilvr.ancestral_step(x, x0, s, s_next, z, "ddpm"))[0])
+        for _ in range(warmup):
+            unet(x_unet, t, encoder_hidden_states=ctx)
+            latent_step()
+            ilvr.ancestral_step(x, x0, s, s_next, z, "ddpm")
             if pixel_ref is not None:
-                rows["pixel_refinement"].append(timed(pixel_step)[0])
-            log.info("repeat %d/%d: unet %.2f s", r + 1, args.repeats, rows["unet"][-1])
+                pixel_step()
+        for r in range(args.repeats):
+            rows["unet"].append(timed(lambda: unet(x_unet, t, encoder_hidden_states=ctx), device)[0])
+            rows["latent_refinement"].append(timed(latent_step, device)[0])
+            rows["ddpm_transition"].append(timed(lambda: ilvr.ancestral_step(x, x0, s, s_next, z, "ddpm"), device)[0])
+            if pixel_ref is not None:
+                rows["pixel_refinement"].append(timed(pixel_step, device)[0])
+            log.info("repeat %d/%d: unet %.3f s", r + 1, args.repeats, rows["unet"][-1])
+    load_end = loadavg()
 
     med = {k: statistics.median(v) for k, v in rows.items()}
     result = {
-        "command": command("dr2.py", argv), "machine": machine(),
+        "command": command("dr2.py", argv), "machine": machine(device), "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
         "batch": b, "size": args.size, "n_latent": args.n_latent, "n_pixel": args.n_pixel,
-        "median_s": med, "ratio_to_unet": {k: med[k] / med["unet"] for k in med if k != "unet"},
-        "peak_rss_gb": peak_rss_gb(),
+        "times_s": rows, "median_s": med, "ratio_to_unet": {k: med[k] / med["unet"] for k in med if k != "unet"},
+        "peak_rss_gb": peak_rss_gb(), "peak_memory_gib": peak_memory_gb(device),
+        "loadavg_start": load_start, "loadavg_end": load_end,
     }
-    print(f"DR2 per-step cost at {args.size} px, batch {b} ({result['machine']}), medians of {args.repeats}:")
+    print(f"DR2 per-step cost at {args.size} px, batch {b} ({result['machine']}, {result['dtype']}), "
+          f"medians of {args.repeats}:")
     print(f"  {'component':<22}{'median':>12}{'vs UNet':>12}")
     for k, v in med.items():
         ratio = "" if k == "unet" else f"{100 * v / med['unet']:.3f} %"
@@ -99,7 +112,9 @@ def main(argv=None) -> int:
     target = result["ratio_to_unet"]["latent_refinement"]
     print(f"latent refinement overhead {100 * target:.3f} % of a UNet step (target <= 3 %): "
           f"{'OK' if target <= 0.03 else 'OVER'}")
-    print(f"peak RSS {result['peak_rss_gb']:.1f} GB")
+    print(f"load average start {' '.join(f'{v:.2f}' for v in load_start)}, end "
+          f"{' '.join(f'{v:.2f}' for v in load_end)}; peak RSS {result['peak_rss_gb']:.1f} GiB"
+          + (f", peak GPU memory {result['peak_memory_gib']:.2f} GiB" if device.type == "cuda" else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0 if target <= 0.03 else 1
