@@ -6,7 +6,8 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
+
+from ..pipelines import dr2
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +96,6 @@ def check_megapixels(node: str, image: torch.Tensor, max_megapixels: float, what
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Reflect-pad (B,H,W,C) bottom/right to a multiple of ``multiple``; the output is cropped back later."""
-    h, w = image.shape[1:3]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        image = F.pad(image.movedim(-1, 1), (0, pw, 0, ph), mode=mode).movedim(1, -1)
-    return image, (h, w)
+    """:func:`..pipelines.dr2.pad_to_multiple` on an IMAGE (B,H,W,C); the output is cropped back later."""
+    padded, size = dr2.pad_to_multiple(image.movedim(-1, 1), multiple)
+    return padded.movedim(1, -1), size
