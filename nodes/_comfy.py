@@ -22,6 +22,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 BFR_FOLDER = "bfr"
+FACE_FOLDER = "facedetection"  # the folder facerestore_cf / ReActor / CodeFormer users keep detectors + parsers in
 
 _warned: set[str] = set()
 
@@ -121,6 +122,20 @@ def register_model_folder() -> None:
     fp = comfy_module("folder_paths")
     if fp is not None:
         fp.add_model_folder_path(BFR_FOLDER, os.path.join(fp.models_dir, BFR_FOLDER))
+        # models/facedetection: added as a path, so another pack's registration of the same folder is extended
+        fp.add_model_folder_path(FACE_FOLDER, os.path.join(fp.models_dir, FACE_FOLDER))
+
+
+def folder_dirs(folder: str) -> list[str]:
+    """The directories of a registered model folder (``extra_model_paths.yaml`` included); [] outside ComfyUI."""
+    fp = comfy_module("folder_paths")
+    if fp is None:
+        return []
+    register_model_folder()
+    try:
+        return list(fp.get_folder_paths(folder))
+    except KeyError:
+        return []
 
 
 def model_files(folder: str = BFR_FOLDER) -> list[str]:
@@ -130,6 +145,6 @@ def model_files(folder: str = BFR_FOLDER) -> list[str]:
     fp = comfy_module("folder_paths")
     if fp is None:
         return []
-    if folder == BFR_FOLDER:
+    if folder in (BFR_FOLDER, FACE_FOLDER):
         register_model_folder()
     return fp.filter_files_extensions(fp.get_filename_list(folder), fp.supported_pt_extensions)

@@ -82,7 +82,8 @@ def test_converter_rejects_unknown_node_type():
 
 
 # ------------------------------------------------------------------------------------------- FlipNet workflows
-FLIPNET_WORKFLOWS = {"restore_flipnet": "restore", "degrade_flipnet": "degrade", "restore_dr2_then_flipnet": "restore"}
+FLIPNET_WORKFLOWS = {"restore_flipnet": "restore", "degrade_flipnet": "degrade", "restore_dr2_then_flipnet": "restore",
+                     "restore_photo_flipnet": "restore"}
 
 
 def _api(stem: str) -> dict:
@@ -132,7 +133,10 @@ def test_flipnet_workflow_is_wired_as_the_paper_samples(stem, mode):
     _, dec = _one(prompt, "VAEDecode")
     assert dec["inputs"] == {"samples": [ks_id, 0], "vae": [ckpt_id, 2]}
     _, save = _one(prompt, "SaveImage")
-    assert prompt[save["inputs"]["images"][0]]["class_type"] == "VAEDecode"
+    saved = prompt[save["inputs"]["images"][0]]
+    if saved["class_type"] == "BFRPasteFaces":  # whole-photo twin: the decoded crops are pasted back, then saved
+        saved = prompt[saved["inputs"]["restored"][0]]
+    assert saved["class_type"] == "VAEDecode"
     if mode == "restore":
         assert k["cfg"] == 1.5
         assert _text_of(prompt, a["negative"]) == DEFAULT_NEGATIVE_PROMPT
@@ -165,3 +169,39 @@ def test_workflow_ids_follow_the_naming_rule_and_are_unique():
         assert wf_id == str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-bfr/{path.stem}")), path.name
         ids[wf_id] = path.name
     assert len(ids) == len(UI_FILES)
+
+
+# ------------------------------------------------------------------------------------------- whole-photo workflows
+PHOTO_WORKFLOWS = {"restore_photo_dr2": "BFRDR2Restore", "restore_photo_flipnet": "BFRApplyFlipNet"}
+
+
+def test_every_face_pipeline_workflow_is_checked_here():
+    shipped = {p.stem for p in UI_FILES if any(n["type"] == "BFRDetectFaces" for n in json.loads(p.read_text())["nodes"])}
+    assert shipped == set(PHOTO_WORKFLOWS), shipped
+
+
+@pytest.mark.parametrize("stem,restorer", sorted(PHOTO_WORKFLOWS.items()))
+def test_photo_workflow_is_detect_crop_restore_paste_save(stem, restorer):
+    """One LoadImage feeds Detect, Crop and Paste; the restorer takes the crops; Paste takes the restorer's result
+    (through VAEDecode for a MODEL patch), the faces from Detect and fixes colour; SaveImage saves the pasted photo;
+    the numbered detection preview is shown."""
+    prompt = _api(stem)
+    load_id, _ = _one(prompt, "LoadImage")
+    det_id, det = _one(prompt, "BFRDetectFaces")
+    crop_id, crop = _one(prompt, "BFRCropFaces")
+    paste_id, paste = _one(prompt, "BFRPasteFaces")
+    assert det["inputs"]["image"] == crop["inputs"]["image"] == paste["inputs"]["image"] == [load_id, 0]
+    assert crop["inputs"]["faces"] == paste["inputs"]["faces"] == [det_id, 0]
+    assert crop["inputs"]["crop_size"] == 512 and det["inputs"]["selection"] == "all"
+    assert paste["inputs"]["color_fix"] == "wavelet"
+    rest_id, rest = _one(prompt, restorer)
+    assert rest["inputs"]["image"] == [crop_id, 0]
+    src = prompt[paste["inputs"]["restored"][0]]
+    if restorer == "BFRDR2Restore":
+        assert paste["inputs"]["restored"] == [rest_id, 0]
+    else:
+        assert src["class_type"] == "VAEDecode"
+    _, save = _one(prompt, "SaveImage")
+    assert save["inputs"]["images"] == [paste_id, 0]
+    _, prev = _one(prompt, "PreviewImage")
+    assert prev["inputs"]["images"] == [det_id, 1]

@@ -1,0 +1,108 @@
+"""The face nodes called directly (ComfyUI absent: CPU, no progress bar): IMAGE handling, the no-face path, errors.
+The same nodes run inside a real ComfyUI in tests/comfy/test_face_nodes.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from comfyui_bfr.nodes.face import BFRCropFaces, BFRDetectFaces, BFRPasteFaces
+from comfyui_bfr.nodes.helpers import NodeInputError
+from comfyui_bfr.pipelines import face, sample_data
+
+pytest.importorskip("dlib", reason="the [faces] extra (dlib-bin + face-recognition-models) is installed in CI")
+
+DETECT = dict(backend="dlib_cnn", selection="all", indices="0", order="area", min_size=32, max_faces=0,
+              score_threshold=-1.0, max_side=1280)
+
+
+@pytest.fixture(scope="module")
+def group():
+    return torch.from_numpy(sample_data.sample_group_photo().astype(np.float32) / 255.0)[None]
+
+
+@pytest.fixture(scope="module")
+def detected(group):
+    return BFRDetectFaces().detect(group, **DETECT)
+
+
+def test_detect_crop_paste_identity_keeps_the_photo(group, detected):
+    faces, preview, report = detected
+    assert len(faces) == 3 and "3 detected, 3 selected" in report
+    assert preview.shape == group.shape and not torch.equal(preview, group)  # boxes drawn
+    (crops,) = BFRCropFaces().crop(group, faces, 512)
+    assert crops.shape == (3, 512, 512, 3)
+    out, mask = BFRPasteFaces().paste(group, crops, faces, 1.0, "none")
+    assert out.shape == group.shape and mask.shape == group.shape[:3]
+    outside = mask == 0
+    assert torch.equal(out[outside], group[outside])
+    assert (out - group)[mask > 0.5].abs().mean() < 0.01
+
+
+def test_selection_by_index_and_by_mask_through_the_node(group, detected):
+    faces, _, _ = detected
+    f1, _, rep = BFRDetectFaces().detect(group, **{**DETECT, "selection": "index", "indices": "1"})
+    assert [f.number for f in f1.faces] == [1] and "1 selected" in rep
+    box = [int(v) for v in faces.faces[2].box]
+    m = torch.zeros(group.shape[:3])
+    m[:, box[1]:box[3], box[0]:box[2]] = 1
+    f2, _, _ = BFRDetectFaces().detect(group, **{**DETECT, "selection": "mask"}, mask=m)
+    assert [f.number for f in f2.faces] == [2]
+    assert "whole numbers" in BFRDetectFaces.VALIDATE_INPUTS(selection="index", indices="x")
+
+
+def test_no_face_passes_the_photo_through_with_a_placeholder_crop(caplog):
+    flat = torch.full((1, 200, 300, 3), 0.4)
+    faces, preview, report = BFRDetectFaces().detect(flat, **DETECT)
+    assert len(faces) == 0 and "0 detected" in report
+    (crops,) = BFRCropFaces().crop(flat, faces, 256)
+    assert crops.shape == (1, 256, 256, 3)  # the graph still runs
+    out, mask = BFRPasteFaces().paste(flat, crops, faces, 1.0, "wavelet")
+    assert torch.equal(out, flat) and not mask.any()
+    assert any("no face" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_gray_and_alpha_images(channels, group, detected):
+    faces, _, _ = detected
+    gray = group.mean(-1, keepdim=True)
+    img = {1: gray, 2: torch.cat([gray, torch.ones_like(gray)], -1),
+           4: torch.cat([group, torch.full_like(gray, 0.5)], -1)}[channels]
+    f, _, _ = BFRDetectFaces().detect(img, **DETECT)
+    assert len(f) >= 2
+    (crops,) = BFRCropFaces().crop(img, f, 256)
+    out, _ = BFRPasteFaces().paste(img, crops, f, 1.0, "adain")
+    assert out.shape[:3] == img.shape[:3]
+    if channels == 4:
+        assert torch.equal(out[..., 3], img[..., 3])
+
+
+def test_bad_inputs_name_the_node_and_the_fix(group, detected):
+    faces, _, _ = detected
+    with pytest.raises(NodeInputError, match=r"\[BFR Crop Faces\].*not the one the faces were detected on"):
+        BFRCropFaces().crop(group[:, :256], faces, 512)
+    (crops,) = BFRCropFaces().crop(group, faces, 512)
+    with pytest.raises(NodeInputError, match=r"2 restored crops for 3 faces"):
+        BFRPasteFaces().paste(group, crops[:2], faces, 1.0, "none")
+    with pytest.raises(NodeInputError, match="must be the BFR_FACES"):
+        BFRPasteFaces().paste(group, crops, "faces", 1.0, "none")
+    with pytest.raises(NodeInputError, match="square"):
+        BFRPasteFaces().paste(group, crops[:, :, :256], faces, 1.0, "none")
+    with pytest.raises(NodeInputError, match="0-255"):
+        BFRDetectFaces().detect(group * 255, **DETECT)
+    with pytest.raises(NodeInputError, match=r"detection_Resnet50_Final\.pth"):
+        BFRDetectFaces().detect(group, **{**DETECT, "backend": "retinaface_resnet50"})
+
+
+def test_upscaled_restored_crops_paste_at_the_right_place(group, detected):
+    """A restorer that returns 2x crops (e.g. a 2x face model): Paste scales the alignment, the face lands where the
+    512 crop's face would."""
+    faces, _, _ = detected
+    (crops,) = BFRCropFaces().crop(group, faces, 512)
+    big = torch.nn.functional.interpolate(crops.movedim(-1, 1), scale_factor=2, mode="bicubic",
+                                          align_corners=False).movedim(1, -1).clamp(0, 1)
+    out1, _ = BFRPasteFaces().paste(group, crops, faces, 1.0, "none")
+    out2, _ = BFRPasteFaces().paste(group, big, faces, 1.0, "none")
+    assert (out1 - out2).abs().mean() < 2e-3
+    assert isinstance(faces, face.FaceSet)
