@@ -25,7 +25,9 @@ name                        ranges                                              
 Where a paper is silent we chose (and say so in ``PRESETS`` comments): kernel size 41 with isotropic/anisotropic
 Gaussians 50/50 (GFPGAN); FlipNet's resize mode (area/bilinear/bicubic) and gray-noise probability 0.4 from
 Real-ESRGAN, which FlipNet names as its synthesizer; CLR-Face's blur sigma [0.1,10] from GFPGAN, the degradation
-model it cites; clr-face-x32's blur/noise amounts from the clr-face training ranges.
+model it cites; clr-face-x32's blur/noise amounts from the clr-face training ranges. Blur sigmas and kernel sizes
+are in input pixels: a blur that a shuffled order puts after the down-sample is scaled to the down-sampled grid
+(``effective_blur``; the report's ``blur.grid_scale`` and ``blur.applied`` say what ran).
 
 One parameter sampler (``sample_params``, numpy ``SeedSequence`` per image / pass / stage, so every draw is
 independent of the other stages' settings) and two executors of the same parameters:
@@ -33,9 +35,9 @@ independent of the other stages' settings) and two executors of the same paramet
 * ``backend="torch"``: device-batched (images grouped by stage and shape; per-sample kernels by FFT or grouped
   convolution; per-sample resize sizes looped), differentiable with ``jpeg="differentiable"`` (kornia).
 * ``backend="cv2"`` / ``degrade_numpy``: one image at a time on the CPU (the ``bfr degrade`` CLI): cv2.filter2D
-  (cv2.sepFilter2D for rank-one kernels), cv2 bilinear enlargement, numpy area pooling, torch's antialiased CPU
-  resampling kernel for the other resizes (PIL's filter; PIL's own float path is several times slower), libjpeg
-  through cv2. Kernels and noise fields come from the shared torch helpers.
+  (cv2.sepFilter2D for rank-one kernels), cv2 bilinear enlargement, torch's CPU kernels for the other resizes
+  (area pooling; PIL's antialiased filter, whose own float path is several times slower), libjpeg through cv2.
+  Kernels and noise fields come from the shared torch helpers.
 
 Conventions shared by both backends (so they agree):
 
@@ -51,13 +53,15 @@ Conventions shared by both backends (so they agree):
   PIL's ``Image.save(quality=q)`` here);
 * the output is rounded to 8-bit levels (``round_output``; straight-through when gradients are needed).
 
-Torch-vs-cv2 agreement on CPU for the same parameters, per stage (max abs on [0,1]; measured / tested bound):
-blur 6e-7 / 2e-6 (cv2 filter2D or sepFilter2D vs FFT or grouped conv); resize 4e-6 / 2e-5 (cv2 bilinear
-enlargement and numpy area vs torch; the torch-kernel modes are identical); noise 0 / 0 for identical input
-(same generator; Poisson counts are per-pixel); libjpeg 0 / 0 for identical uint8 input. Whole chains differ only
-where a ~1e-6 float difference flips an 8-bit rounding before JPEG: over all presets, 256 px, 12 images each,
-at most 0.25 % of values differ, mean abs <= 1.3e-5, max 4/255 (one JPEG block); tested bounds mean < 1e-4 and
-< 0.3 % of values off by more than 1.5/255.
+Torch-vs-cv2 agreement on CPU for the same parameters, per stage (max abs on [0,1]; measured / tested bound): blur
+6e-7 / 2e-6 (cv2 filter2D or sepFilter2D vs FFT or grouped conv); resize 4e-6 / 2e-5 (cv2 bilinear enlargement vs
+torch; area and the antialiased modes run the same torch kernel, identical); noise 0 / 0 for identical input (same
+generator; Poisson counts are per-pixel); libjpeg 0 / 0 for identical uint8 input. Whole chains differ only where a
+~1e-6 float difference flips an 8-bit rounding before JPEG: over all presets, 256 px, 12 images each, seeds 0 and
+21, at most 0.38 % of values differ, mean abs <= 1.6e-5, max 6/255 (one JPEG block), <= 0.08 % by more than
+1.5/255; tested bounds mean < 1e-4 and < 0.3 % of values off by more than 1.5/255. A flip before a JPEG of a tiny
+grid moves a whole block, magnified by the resize back (after x32, one block is the whole image), so the area
+pooling of both backends is the same torch kernel: its averages of 8-bit levels often fall on rounding ties.
 """
 
 from __future__ import annotations
@@ -78,8 +82,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS", "JPEG_BACKENDS", "KERNEL_TYPES", "NOISE_TYPES", "PRESETS", "RESIZE_MODES", "STAGES",
-    "DegradationConfig", "UnknownPresetError", "apply_blur", "degrade", "degrade_numpy", "get_preset",
-    "lr_size", "make_kernels", "sample_params",
+    "DegradationConfig", "UnknownPresetError", "apply_blur", "degrade", "degrade_numpy", "effective_blur",
+    "get_preset", "lr_size", "make_kernels", "sample_params",
 ]
 
 STAGES = ("blur", "resize", "noise", "jpeg")
@@ -310,6 +314,12 @@ def _build_presets() -> dict[str, DegradationConfig]:
         # area/bilinear/bicubic (also for the resize back) and gray noise with p 0.4. Kernel: 41-px iso/aniso
         # Gaussians 50/50 (GFPGAN; sigma 15 is truncated at +-1.3 sigma by the 41-px support, as in the paper's
         # formula with the GFPGAN kernel size).
+        # Units of a blur after the resize: sigma is sampled in HQ pixels (the paper's [0.1, 15] at 512 px), so when
+        # the shuffled second pass puts the blur after the down-sample it acts in the down-sampled grid's units:
+        # sigma * g and kernel size ~41 * g (odd, >= 3), g = LR/HQ size ~ 1/s (``effective_blur``; the report's
+        # blur.grid_scale and blur.applied). Read literally (sigma 10 with a 41-px kernel on a 17-px image, the
+        # seed-0 case at 512 px) it flattens the image to its mean colour. Real-ESRGAN never blurs after the
+        # resize; we keep the paper's shuffled order and the sampled sigma's meaning instead.
         "flipnet": DegradationConfig(
             name="flipnet", order="second", shuffle=True, blur_sigma=(0.1, 15.0), resize_scale=(0.8, 32.0),
             resize_modes=("area", "bilinear", "bicubic"), resize_back="random", noise_sigma=(0.0, 20.0),
@@ -401,6 +411,55 @@ def _sample_blur(cfg, rng) -> dict | None:
     return spec
 
 
+def _scaled_kernel_size(size: int, grid_scale: float) -> int:
+    """The odd kernel size nearest ``size * grid_scale``; at least 3 (1 stays 1), at most 255."""
+    n = int(size) * float(grid_scale)
+    k = 2 * math.floor((n - 1.0) / 2.0 + 0.5) + 1
+    return int(min(255, max(k, min(int(size), 3))))
+
+
+def effective_blur(spec: dict) -> dict:
+    """The blur spec in the pixels of the image it meets: what both executors build the kernel from.
+
+    A sampled spec's sigmas, size and sinc cutoff are in input-image pixels, as the config's ranges; its
+    ``grid_scale`` is the grid px per input px where the blur runs: 1 before the pass's resize,
+    ``sqrt(h*w / (H*W))`` of the down-sampled size h x w when a shuffled order put it after the resize (about 1/s).
+    Sigmas are multiplied by it, the kernel size likewise (odd, at least 3: the support keeps its width in
+    sigmas), a sinc cutoff divided by it (at most pi, the grid's Nyquist frequency). A spec without ``grid_scale``
+    (hand-written, or a report from before this key existed) is applied as written, in the pixels of the image it
+    meets. ``spec["applied"]`` (written by ``sample_params``) is for the report only; this function recomputes it.
+    """
+    g = spec.get("grid_scale")
+    if g is None:
+        return spec
+    if not (_is_num(g) and g > 0):
+        raise ValueError(f"blur grid_scale must be a finite number > 0 (grid px per input px), got {g!r}.")
+    g = float(g)
+    if g == 1.0:
+        return spec
+    out = {key: value for key, value in spec.items() if key != "applied"}
+    out["size"] = _scaled_kernel_size(spec["size"], g)
+    if spec["type"] == "sinc":
+        out["omega_c"] = min(math.pi, float(spec["omega_c"]) / g)
+    else:
+        for key in ("sigma_x", "sigma_y"):
+            if spec.get(key) is not None:
+                out[key] = float(spec[key]) * g
+    out["grid_scale"] = 1.0
+    return out
+
+
+def _place_blur(blur: dict, order: list, resize: dict | None, height: int, width: int) -> None:
+    """Record where in the pass the sampled blur runs (``grid_scale``) and the kernel it applies (``applied``)."""
+    g = 1.0
+    if resize is not None and order.index("resize") < order.index("blur"):
+        h, w = resize["size"]
+        g = math.sqrt(h * w / (height * width))
+    blur["grid_scale"] = g
+    eff = effective_blur(blur)
+    blur["applied"] = {key: eff[key] for key in ("size", "sigma_x", "sigma_y", "omega_c")}
+
+
 def lr_size(height: int, width: int, scale: float) -> tuple[int, int, bool]:
     """Down-sampled size ``max(1, floor(H/s))`` per axis and whether it had to be clamped to 1 px."""
     h, w = math.floor(height / scale + 1e-9), math.floor(width / scale + 1e-9)
@@ -481,9 +540,12 @@ def sample_params(config: DegradationConfig, batch_size: int, seed: int, height:
             if shuffle:
                 order = [STAGES[j] for j in _rng(seed, i, k, "order").permutation(len(STAGES))]
             resize, back = _sample_resize(config, _rng(seed, i, k, "resize"), height, width)
+            blur = _sample_blur(config, _rng(seed, i, k, "blur"))
+            if blur is not None:
+                _place_blur(blur, order, resize, height, width)
             passes.append({
                 "order": order,
-                "blur": _sample_blur(config, _rng(seed, i, k, "blur")),
+                "blur": blur,
                 "resize": resize,
                 "noise": _sample_noise(config, _rng(seed, i, k, "noise")),
                 "jpeg": _sample_jpeg(config, _rng(seed, i, k, "jpeg")),
@@ -727,7 +789,7 @@ def _round8(x: torch.Tensor) -> torch.Tensor:
 
 
 def _t_blur(x, specs, jpeg):
-    return apply_blur(x, make_kernels(specs, x.device)).clamp(0.0, 1.0)
+    return apply_blur(x, make_kernels([effective_blur(s) for s in specs], x.device)).clamp(0.0, 1.0)
 
 
 def _t_resize(x, size, mode):
@@ -812,7 +874,7 @@ def _degrade_torch(x: torch.Tensor, params: list[dict], jpeg: str) -> torch.Tens
                         continue
                     key = (stage, shape, tuple(spec["size"]), spec["mode"])
                 elif stage == "blur":
-                    key = (stage, shape, int(spec["size"]))
+                    key = (stage, shape, int(effective_blur(spec)["size"]))
                 else:
                     key = (stage, shape)
                 groups.setdefault(key, []).append(i)
@@ -846,36 +908,20 @@ def _degrade_torch(x: torch.Tensor, params: list[dict], jpeg: str) -> torch.Tens
 # numpy / cv2 / libjpeg backend (one image, CPU)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _np_area(img: np.ndarray, size) -> np.ndarray:
-    """torch ``mode='area'`` (adaptive average pooling) in numpy: bins [floor(i*n/m), ceil((i+1)*n/m)), by cumsums."""
-    def pool(x, m, axis):
-        n = x.shape[axis]
-        i = np.arange(m)
-        a, b = (i * n) // m, -((-(i + 1) * n) // m)
-        c = np.cumsum(x, axis=axis, dtype=np.float64)
-        c = np.concatenate([np.zeros_like(np.take(c, [0], axis=axis)), c], axis=axis)
-        shape = [1] * x.ndim
-        shape[axis] = m
-        return (np.take(c, b, axis=axis) - np.take(c, a, axis=axis)) / (b - a).reshape(shape)
-    h, w = size
-    return np.ascontiguousarray(pool(pool(img, h, 0), w, 1), dtype=np.float32)
-
-
 def _np_resize(img: np.ndarray, size, mode: str) -> np.ndarray:
-    """Resize an HWC float32 image: area by cumsums, bilinear enlargement by cv2 (= the triangle filter), the
-    rest by torch's antialiased CPU kernel (PIL's separable filter; PIL's own float path is several times slower)."""
+    """Resize an HWC float32 image: bilinear enlargement by cv2 (= the triangle filter), the rest by the torch
+    backend's CPU kernels (area pooling: bit-identical with the torch backend on CPU, faster than numpy cumsums;
+    antialiased bilinear/bicubic: PIL's separable filter, PIL's own float path is several times slower)."""
     h, w = int(size[0]), int(size[1])
-    if mode == "area":
-        out = _np_area(img, (h, w))
-    elif mode == "bilinear" and h >= img.shape[0] and w >= img.shape[1]:
+    if mode == "bilinear" and h >= img.shape[0] and w >= img.shape[1]:
         import cv2
 
         out = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
         if out.ndim == 2:
             out = out[..., None]
-    elif mode in ("bilinear", "bicubic"):
+    elif mode in RESIZE_MODES:
         chw = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
-        res = F.interpolate(chw, size=(h, w), mode=mode, align_corners=False, antialias=True)
+        res = _t_resize(chw, (h, w), mode)
         out = np.ascontiguousarray(res[0].numpy().transpose(1, 2, 0))
     else:
         raise ValueError(f"unknown resize mode {mode!r}; valid: {list(RESIZE_MODES)}.")
@@ -886,7 +932,7 @@ def _np_stage(img: np.ndarray, stage: str, spec: dict) -> np.ndarray:
     import cv2
 
     if stage == "blur":
-        kernel = make_kernels([spec])[0].numpy()
+        kernel = make_kernels([effective_blur(spec)])[0].numpy()
         k64 = kernel.astype(np.float64)
         ky, kx = k64.sum(axis=1), k64.sum(axis=0) / k64.sum()
         if np.abs(np.outer(ky, kx) - k64).max() <= 1e-7 * k64.max():
@@ -993,6 +1039,8 @@ def _check_params(params: dict, height: int, width: int) -> None:
             raise ValueError(f"pass order must be a permutation of {list(STAGES)}, got {p['order']}.")
         if p.get("jpeg") is not None:
             _check_quality(p["jpeg"]["quality"])
+        if p.get("blur") is not None:
+            effective_blur(p["blur"])  # a bad grid_scale fails before any work
 
 
 def degrade_numpy(image_hwc_uint8_or_float: np.ndarray, params: dict, *, jpeg: str = "libjpeg") -> np.ndarray:

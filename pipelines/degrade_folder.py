@@ -52,8 +52,14 @@ def derive_seed(seed: int, rel_path: str, k: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**53 - 1)
 
 
+# Bumped whenever the same config and seed give other pixels (2: a blur after the downsample acts in the LR grid,
+# area resizes on torch's kernel), so a resumed folder never mixes outputs of two sampler versions.
+SAMPLER_VERSION = 2
+
+
 def config_hash(config: DegradationConfig) -> str:
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    payload = {"config": config.to_dict(), "sampler_version": SAMPLER_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _resize_hq(img: np.ndarray, size: int) -> np.ndarray:
