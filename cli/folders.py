@@ -1,16 +1,20 @@
 """Folder-level entry points of the ``bfr`` command: read images, call a pipeline, write images.
 
 ``bfr restore --method dr2|flipnet`` (:func:`restore_dr2`, :func:`restore_flipnet`) and ``bfr synthesize --mode
-degrade`` (:func:`synthesize_degraded`, sharded across ``accelerate launch`` / torchrun processes).
+degrade`` (:func:`synthesize_degraded`, sharded across ``accelerate launch`` / torchrun processes). For whole photos
+(``bfr restore --faces``, :mod:`.photos`) the same models are wrapped as crop restorers with the contract of
+:data:`..pipelines.photo.RestoreCrops` (:func:`dr2_crop_restorer`, :func:`flipnet_crop_restorer`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import PartialState
 
@@ -18,7 +22,7 @@ from ..pipelines import dr2
 from ..pipelines.flipnet import FlipNetPipeline, FlipNetSampleConfig
 from ..pipelines.image_io import (IMAGE_EXTENSIONS, ImageFolderError, is_image_file, list_images, load_image,
                                   prepare_output_folder, save_png)
-from ..sd.loader import SDModel, load_components, load_model
+from ..sd.loader import DEFAULT_REPO, ENV_REPO, SDModel, load_components, load_model, resolve_base_model
 from ..train.core import use_cpu
 
 logger = logging.getLogger(__name__)
@@ -216,3 +220,53 @@ def restore_dr2(image: str | Path, out: str | Path, config: dr2.DR2Config, *, mo
     if not model.is_real:
         logger.warning("the output above came from the TINY RANDOM model: it is NOT a real restoration")
     return out
+
+
+# ------------------------------------------------------------------------------------- crop restorers (photos)
+def model_identity(base_model: str | Path | None, download: bool = False, repo_id: str | None = None) -> str:
+    """What SD 2.1 a run would use, without loading it (for report hashes): the resolved path, the download repo,
+    or the tiny random fallback."""
+    path = resolve_base_model(base_model, download=False)
+    if path is not None:
+        return str(Path(path).resolve())
+    if download:
+        return f"download:{repo_id or os.environ.get(ENV_REPO) or DEFAULT_REPO}"
+    return "tiny random model (NOT SD 2.1)"
+
+
+def _chunks(crops: np.ndarray, batch_size: int):
+    for start in range(0, len(crops), max(int(batch_size), 1)):
+        yield start, torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size])).permute(0, 3, 1, 2)
+
+
+def dr2_crop_restorer(model: SDModel, config: dr2.DR2Config, batch_size: int = 4):
+    """DR2 as a crop restorer: (N, S, S, 3) numpy crops -> (N, S, S, 3), ``batch_size`` crops per model call."""
+    config.validate()
+
+    def restore(crops: np.ndarray) -> np.ndarray:
+        outs = []
+        for start, x in _chunks(crops, batch_size):
+            out = dr2.restore(model, x.float(), config,
+                              progress=lambda d, t: logger.debug("DR2 crops %d+: %d/%d", start, d, t)).images
+            outs.append(out.permute(0, 2, 3, 1).float().cpu().numpy())
+        return np.concatenate(outs)
+
+    return restore
+
+
+def flipnet_crop_restorer(cfg: RestoreConfig, pipeline: FlipNetPipeline | None = None):
+    """FlipNet (restore mode) as a crop restorer, ``cfg.batch_size`` crops per sampling batch, crop i seeded with
+    ``cfg.seed + i``."""
+    pipe = pipeline or _flipnet_pipeline(cfg, resolve_device(cfg.device))
+
+    def restore(crops: np.ndarray) -> np.ndarray:
+        outs = []
+        for start, x in _chunks(crops, cfg.batch_size):
+            sample = FlipNetSampleConfig(mode="restore", num_inference_steps=cfg.num_inference_steps,
+                                         guidance_scale=cfg.guidance_scale, prompt=cfg.prompt,
+                                         negative_prompt=cfg.negative_prompt, phi=cfg.phi, t_y_policy=cfg.t_y_policy,
+                                         t_y=cfg.t_y, seed=cfg.seed + start)
+            outs.append(pipe(x.float(), sample).permute(0, 2, 3, 1).float().cpu().numpy())
+        return np.concatenate(outs)
+
+    return restore

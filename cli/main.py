@@ -13,20 +13,19 @@ import logging
 import os
 import sys
 
-import numpy as np
 
 from ..lora.checkpoint import export_lora_only
-from ..pipelines import degradation, dr2
+from ..pipelines import degradation, dr2, face, face_detect
 from ..pipelines.degrade_folder import degrade_folder
-from ..pipelines.image_io import from_uint8, load_image, prepare_output_folder, save_png
-from ..pipelines.panel import labelled_panel
-from ..pipelines.sample_data import sample_face
 from ..sd.loader import load_model
 from ..train import face_ae
 from ..train import flipnet as flipnet_trainer
 from .args import add_dataclass_arguments, dataclass_from_namespace
 from .client import run_workflow
-from .folders import RestoreConfig, SynthesizeConfig, resolve_device, restore_dr2, restore_flipnet, synthesize_degraded
+from .demo import run_demo
+from .folders import (RestoreConfig, SynthesizeConfig, dr2_crop_restorer, flipnet_crop_restorer, model_identity,
+                      resolve_device, restore_dr2, restore_flipnet, synthesize_degraded)
+from .photos import FACES_CHOICES, PhotoOptions, restore_photo_folder
 
 logger = logging.getLogger("bfr")
 
@@ -34,61 +33,39 @@ COMMANDS = ("demo", "degrade", "restore", "train", "synthesize", "export-lora", 
 
 
 # --------------------------------------------------------------------------------------------------------- demo
-def _cmd_demo(args: argparse.Namespace) -> int:
-    x = (load_image(args.image, args.size) if args.image else from_uint8(sample_face(args.size)))[None]
-    hq = x[0]
-    presets = args.presets or list(degradation.PRESETS)
-    row: list[tuple[str, object]] = [("input (HQ)", hq)]
-    report = {}
-    for name in presets:
-        if name == "custom":
-            continue
-        out, params = degradation.degrade(x, degradation.get_preset(name), seed=args.seed, backend=args.backend)
-        row.append((name, out[0]))
-        report[name] = params[0]
-        logger.info("degraded with preset %s", name)
-    per_row = args.columns
-    rows = [row[i:i + per_row] for i in range(0, len(row), per_row)]
-    out_dir = prepare_output_folder(args.out)
-    panel_path = out_dir / "demo_degradation.png"
-    save_png(panel_path, np.asarray(labelled_panel(rows, tile=args.tile)))
-    (out_dir / "demo_degradation.json").write_text(json.dumps(report, indent=1))
-    logger.info("wrote %s (%d presets) and its parameter report", panel_path, len(report))
-    if args.restore == "none":
-        return 0
-
-    model = load_model(args.base_model, download=args.download, repo_id=args.repo, device=resolve_device(args.device))
-    restore_presets = args.restore_presets or ["dr2-mild-x4", "dr2-medium-x8", "dr2-severe-x8"]
-    degraded = {}
-    for name in restore_presets:
-        out, _ = degradation.degrade(x, degradation.get_preset(name), seed=args.seed, backend=args.backend)
-        degraded[name] = out
-    config = dr2.DR2Config(n=args.n, tau=args.tau, steps=args.steps, space=args.space, seed=args.seed)
-    rows = dr2.demo_rows(model, hq, degraded, config)
-    dr2_path = out_dir / "demo_dr2.png"
-    save_png(dr2_path, np.asarray(labelled_panel(rows, tile=args.tile)))
-    logger.info("wrote %s (degrade -> DR2 restore, model: %s)", dr2_path, model.source)
-    return 0
-
-
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="degrade the sample face with every preset and write a labelled panel PNG")
-    p.add_argument("--image", help="use this photo instead of the built-in sample face")
+    p = sub.add_parser("demo", help="the whole-photo path on real photos: detect, align, degrade, restore (DR2 with "
+                                    "SD 2.1), paste back, as one labelled panel",
+                       description="On the sample group photo (scikit-image's astronaut and cameraman, public domain) "
+                                   "or --image: detect and number the faces, align them, degrade each crop with a "
+                                   "preset, restore the degraded crops with DR2 when SD 2.1-base is found (otherwise "
+                                   "the panel says so), paste them back. Writes demo_photo.png + demo_photo.json, and "
+                                   "demo_degradation.png (every preset on the astronaut face).")
+    p.add_argument("--image", help="use this whole photo instead of the built-in group photo")
     p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
-    p.add_argument("--size", type=int, default=512, help="working resolution (default 512)")
-    p.add_argument("--tile", type=int, default=192, help="panel tile size in px")
-    p.add_argument("--columns", type=int, default=6, help="tiles per panel row")
+    p.add_argument("--size", type=int, default=512, help="aligned face crop size in px (default 512)")
+    p.add_argument("--tile", type=int, default=160, help="panel tile size in px")
+    p.add_argument("--columns", type=int, default=7, help="tiles per row of the degradation gallery")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=["torch", "cv2"], default="cv2")
-    p.add_argument("--presets", nargs="*", help="subset of presets (default: all)")
+    p.add_argument("--backend", choices=["torch", "cv2"], default="cv2", help="degradation backend")
+    p.add_argument("--presets", nargs="*", help="gallery presets (default: all)")
     p.add_argument("--restore", choices=["dr2", "none"], default="dr2",
-                   help="also restore a few degraded faces with DR2 and write demo_dr2.png (default: dr2)")
-    p.add_argument("--restore-presets", nargs="*", help="presets to restore (default: dr2-mild-x4 dr2-medium-x8 "
-                                                        "dr2-severe-x8)")
+                   help="restore the degraded faces with DR2 when SD 2.1-base is found (default: dr2)")
+    p.add_argument("--restore-presets", nargs="*", help="presets applied to the faces, face k gets preset k mod len "
+                                                        "(default: dr2-mild-x4 dr2-medium-x8 dr2-severe-x8)")
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1")
+    g = p.add_argument_group("faces")
+    g.add_argument("--faces", default="all", help=f"which faces: {FACES_CHOICES} (default: all)")
+    g.add_argument("--face-order", choices=face.ORDERS, default="area", help="face numbering (default: area)")
+    g.add_argument("--min-face", type=int, default=32, help="ignore faces smaller than this (px)")
+    g.add_argument("--detector", choices=face_detect.BACKENDS, default="auto", help="face detector (default: auto)")
+    g.add_argument("--face-models", metavar="DIR", help="RetinaFace folder (default: ComfyUI's models/facedetection)")
+    g.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet",
+                   help="colour fix of the restored faces against the degraded ones (default: wavelet)")
+    g.add_argument("--feather", type=float, default=1.0, help="paste edge width, relative to facexlib's")
     _add_model_args(p)
     _add_dr2_args(p)
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=run_demo)
 
 
 # ------------------------------------------------------------------------------------------------------ degrade
@@ -177,18 +154,83 @@ def _add_dr2_args(p) -> None:
     g.add_argument("--space", choices=["latent", "pixel"], default="latent", help="where Phi_N is applied")
 
 
+def _restore_out(args: argparse.Namespace) -> str:
+    """OUT as the second positional or ``--out`` (either, not two different ones)."""
+    if args.out and args.out_dir and args.out != args.out_dir:
+        raise ValueError(f"two outputs given ({args.out_dir!r} and --out {args.out!r}); give OUT once")
+    out = args.out or args.out_dir
+    if not out:
+        raise ValueError("bfr restore needs an output: bfr restore INPUT OUT (or --out OUT)")
+    return out
+
+
+_PHOTO_DEFAULTS = {"face_order": "area", "min_face": 32, "max_faces": 0, "detector": "auto", "face_models": None,
+                   "detect_threshold": None, "max_side": face_detect.DEFAULT_MAX_SIDE, "color_fix": "wavelet",
+                   "feather": 1.0, "save_crops": False, "no_resume": False}
+
+
 def _cmd_restore(args: argparse.Namespace) -> int:
+    out = _restore_out(args)
+    if args.faces is not None:
+        return _cmd_restore_photos(args, out)
+    given = [k for k, v in _PHOTO_DEFAULTS.items() if getattr(args, k) != v]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} is a whole-photo option; add --faces {FACES_CHOICES} "
+                         "(without --faces the inputs are aligned face crops)")
     if args.method == "flipnet":
-        args.input, args.out_dir = args.image, args.out
+        args.input, args.out_dir = args.image, out
         written = restore_flipnet(dataclass_from_namespace(RestoreConfig, args))
-        logger.info("restored %d image(s) into %s", len(written), args.out)
+        logger.info("restored %d image(s) into %s", len(written), out)
         return 0
     cfg = dr2.DR2Config(n=args.n, tau=args.tau, omega=args.omega, steps=args.steps, space=args.space,
                         seed=args.seed)
-    out = restore_dr2(args.image, args.out, cfg, base_model=args.base_model, download=args.download,
-                      repo_id=args.repo, size=args.size, device=args.device)
-    logger.info("restored -> %s", out)
+    result = restore_dr2(args.image, out, cfg, base_model=args.base_model, download=args.download,
+                         repo_id=args.repo, size=args.size, device=args.device)
+    logger.info("restored -> %s", result)
     return 0
+
+
+def _cmd_restore_photos(args: argparse.Namespace, out: str) -> int:
+    """``bfr restore --faces ... PHOTOS OUT``: whole photos through :func:`.photos.restore_photo_folder`."""
+    device = resolve_device(args.device)
+    models: list = []
+    if args.method == "flipnet":
+        args.input, args.out_dir = args.image, out
+        cfg = dataclass_from_namespace(RestoreConfig, args)
+        cfg.validate()
+        crop_size = cfg.size
+        identity = {"method": "flipnet", "model": model_identity(cfg.base_model, cfg.download, cfg.repo),
+                    "checkpoint": str(os.path.abspath(cfg.checkpoint)), "phi": cfg.phi, "prompt": cfg.prompt,
+                    "negative_prompt": cfg.negative_prompt, "num_inference_steps": cfg.num_inference_steps,
+                    "guidance_scale": cfg.guidance_scale, "t_y_policy": cfg.t_y_policy, "t_y": cfg.t_y,
+                    "seed": cfg.seed}
+
+        def make():
+            return flipnet_crop_restorer(cfg)
+    else:
+        cfg = dr2.DR2Config(n=args.n, tau=args.tau, omega=args.omega, steps=args.steps, space=args.space,
+                            seed=args.seed)
+        cfg.validate()
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        crop_size = args.size or 512
+        identity = {"method": "dr2", "model": model_identity(args.base_model, args.download, args.repo),
+                    "n": cfg.n, "tau": cfg.tau, "omega": cfg.omega, "steps": cfg.steps, "space": cfg.space,
+                    "seed": cfg.seed}
+
+        def make():
+            models.append(load_model(args.base_model, download=args.download, repo_id=args.repo, device=device))
+            return dr2_crop_restorer(models[0], cfg, args.batch_size)
+    opts = PhotoOptions(faces=args.faces, face_order=args.face_order, min_face=args.min_face,
+                        max_faces=args.max_faces, detector=args.detector, face_models=args.face_models,
+                        detect_threshold=args.detect_threshold, max_side=args.max_side, color_fix=args.color_fix,
+                        feather=args.feather, crop_size=crop_size, save_crops=args.save_crops,
+                        resume=not args.no_resume)
+    summary = restore_photo_folder(args.image, out, opts, make, identity, device=device)
+    if models and not models[0].is_real:
+        logger.warning("the faces above came from the TINY RANDOM model: they are NOT a real restoration")
+    logger.debug("restore summary: %s", json.dumps(summary))
+    return 1 if summary["failed"] else 0
 
 
 def _option_value(argv: list[str], flag: str, default: str) -> str:
@@ -200,21 +242,64 @@ def _option_value(argv: list[str], flag: str, default: str) -> str:
     return default
 
 
+def _add_photo_args(p) -> None:
+    g = p.add_argument_group(
+        "whole photos (--faces)",
+        "With --faces, INPUT is a photo or a folder of whole photos (searched recursively) and OUT a folder: the "
+        "faces are detected, selected, aligned, restored as one batch per photo, colour-fixed and pasted back "
+        "(OUT/<name>.png; OUT/restore_report.jsonl, resumable). Without --faces the inputs are aligned face crops.")
+    g.add_argument("--faces", default=None, metavar="WHICH",
+                   help=f"restore whole photos: {FACES_CHOICES} (numbers as on the detection preview, largest face "
+                        "first)")
+    g.add_argument("--face-order", choices=face.ORDERS, default="area",
+                   help="how faces are numbered: area (largest first) | left_to_right (default: area)")
+    g.add_argument("--min-face", type=int, default=32,
+                   help="ignore faces smaller than this (px, shorter box side; default 32). dlib's CNN finds faces "
+                        "from about 80 px (RetinaFace smaller)")
+    g.add_argument("--max-faces", type=int, default=0, help="at most this many faces per photo, in order (0 = all)")
+    g.add_argument("--detector", choices=face_detect.BACKENDS, default="auto",
+                   help="auto = RetinaFace (ResNet-50, then MobileNet) when its file is in --face-models, else dlib "
+                        "CNN (the [faces] extra)")
+    g.add_argument("--face-models", metavar="DIR",
+                   help="folder with detection_Resnet50_Final.pth / detection_mobilenet0.25_Final.pth (default: "
+                        "ComfyUI's models/facedetection from $BFR_COMFY_MODELS or $COMFYUI_PATH, if it exists)")
+    g.add_argument("--detect-threshold", type=float, default=None,
+                   help="detector score threshold in the backend's units (default: RetinaFace 0.8, dlib 0.3)")
+    g.add_argument("--max-side", type=int, default=face_detect.DEFAULT_MAX_SIDE,
+                   help="larger photos are detected on a copy downscaled to this (default 1280)")
+    g.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet",
+                   help="match each restored face's colours to the original face (default: wavelet)")
+    g.add_argument("--feather", type=float, default=1.0, help="paste edge width relative to facexlib's sqrt(area)/20 "
+                                                              "(0 = hard edge; default 1)")
+    g.add_argument("--save-crops", action="store_true",
+                   help="also write OUT/faces/<name>_<k>.png (restored face k), <name>_<k>_input.png and "
+                        "<name>_faces.png (numbered preview)")
+    g.add_argument("--no-resume", action="store_true", help="start the report over and redo every photo")
+
+
 def _add_restore(sub, argv: list[str]) -> None:
     method = _option_value(argv, "--method", "dr2") if _positionals(argv)[:1] == ["restore"] else "dr2"
-    p = sub.add_parser("restore", help="restore a face image (or a folder of them): --method dr2 | flipnet",
-                       description="Restore faces. The options depend on --method; see `bfr restore --method "
+    p = sub.add_parser("restore", help="restore aligned faces, or whole photos with --faces: --method dr2 | flipnet",
+                       usage="bfr restore INPUT OUT [--method dr2|flipnet] [--faces WHICH] [options]",
+                       description="Restore faces: aligned face crops (a file or folder), or with --faces the faces "
+                                   "of whole photos. The options depend on --method; see `bfr restore --method "
                                    "flipnet --help` for FlipNet's.")
-    p.add_argument("image", help="image file or folder (aligned face crops)")
-    p.add_argument("--out", required=True, help="output file (one image, dr2) or folder")
+    p.add_argument("image", metavar="INPUT", help="image file or folder: aligned face crops, or whole photos with "
+                                                  "--faces")
+    p.add_argument("out_dir", metavar="OUT", nargs="?", default=None,
+                   help="output file (one aligned face, dr2) or folder (the same as --out)")
+    p.add_argument("--out", default=None, help="output (the same as OUT)")
     p.add_argument("--method", choices=["dr2", "flipnet"], default="dr2", help="restoration method")
     p.set_defaults(func=_cmd_restore)
+    _add_photo_args(p)
     if method == "flipnet":
-        # --checkpoint (the FlipNet .safetensors), --base-model (SD 2.1), --phi, ..., --device
+        # --checkpoint (the FlipNet .safetensors), --base-model (SD 2.1), --phi, ..., --device, --batch-size
         add_dataclass_arguments(p, RestoreConfig, skip=("input", "out_dir"))
         return
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE first (e.g. 512)")
+    p.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE first (e.g. 512); with --faces: "
+                                                          "the aligned crop size (default 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="with --faces: face crops per model call (default 4)")
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1")
     p.add_argument("--checkpoint", action=_NotForDR2, help=argparse.SUPPRESS)
     _add_model_args(p)

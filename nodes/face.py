@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..pipelines import color, face, face_detect
+from ..pipelines import color, face, face_detect, face_parsing
 from ._comfy import FACE_FOLDER, folder_dirs, intermediate_device, model_files, progress_callback, torch_device
 from .helpers import NodeInputError, to_rgb
 
@@ -27,6 +27,8 @@ PASTE_ID = "BFR Paste Faces"
 FACES_TYPE = "BFR_FACES"
 NO_PARSING = "none"
 COLOR_FIXES = ("wavelet", "adain", "none")
+# Without a face Crop passes one crop this small (the photo letterboxed), so the restorer in between costs ~nothing
+PLACEHOLDER_PX = 64
 
 
 def _photos(node: str, image, name: str = "image") -> tuple[torch.Tensor, list[np.ndarray]]:
@@ -171,7 +173,8 @@ class BFRCropFaces:
     DESCRIPTION = (
         "Cuts every selected face out of its photo, aligned to the FFHQ template (the input the restorers expect), "
         "as one batch in the order of the faces. Restore the batch with any node, then give it to Paste Faces. "
-        "Without a selected face this outputs one placeholder (the photo, letterboxed) so the graph still runs."
+        "Without a selected face this outputs one small placeholder (the photo letterboxed to 64 px) so the graph "
+        "still runs."
     )
     CATEGORY = "BFR/faces"
     FUNCTION = "crop"
@@ -193,9 +196,9 @@ class BFRCropFaces:
         faces = _check_faces(CROP_ID, faces)
         _check_sizes(CROP_ID, faces, photos)
         if not len(faces):
-            logger.warning("[%s] no face to crop: passing one placeholder crop (Paste Faces will return the photo "
-                           "unchanged)", CROP_ID)
-            crops = _letterbox(rgb[:1], crop_size)
+            logger.warning("[%s] no face to crop: passing one small placeholder crop (Paste Faces will return the "
+                           "photo unchanged)", CROP_ID)
+            crops = _letterbox(rgb[:1], PLACEHOLDER_PX)
         else:
             crops = torch.from_numpy(face.crop_faces(photos, faces, crop_size))
         return (crops.to(intermediate_device()),)
@@ -222,8 +225,6 @@ def _parsing_files() -> list[str]:
 
 
 def _parser(name: str):
-    from ..pipelines import face_parsing
-
     path = None
     for d in folder_dirs(FACE_FOLDER):
         if (Path(d) / name).is_file():

@@ -32,7 +32,9 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+import torch
 
+from . import retinaface
 from .face import FFHQ_TEMPLATE_512, Detection, alignment_affine, apply_affine, invert_affine
 
 logger = logging.getLogger(__name__)
@@ -144,11 +146,7 @@ class RetinaFaceBackend:
     """:mod:`.retinaface` behind the common interface."""
 
     def __init__(self, path: Path, device="cpu", dtype=None):
-        from . import retinaface
-
         try:
-            import torch
-
             self.detector = retinaface.load_retinaface(path, device=device, dtype=dtype or torch.float32)
         except retinaface.RetinaFaceWeightsError as exc:
             raise FaceDetectorError(str(exc)) from exc

@@ -57,7 +57,7 @@ def test_no_face_passes_the_photo_through_with_a_placeholder_crop(caplog):
     faces, preview, report = BFRDetectFaces().detect(flat, **DETECT)
     assert len(faces) == 0 and "0 detected" in report
     (crops,) = BFRCropFaces().crop(flat, faces, 256)
-    assert crops.shape == (1, 256, 256, 3)  # the graph still runs
+    assert crops.shape == (1, 64, 64, 3)  # a small placeholder: the graph still runs, the restorer costs ~nothing
     out, mask = BFRPasteFaces().paste(flat, crops, faces, 1.0, "wavelet")
     assert torch.equal(out, flat) and not mask.any()
     assert any("no face" in r.message for r in caplog.records)
