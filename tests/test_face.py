@@ -202,10 +202,11 @@ def test_unselected_faces_and_background_are_untouched(group, group_dets):
         assert np.array_equal(out[y0:y1, x0:x1], group[y0:y1, x0:x1])
 
 
-def _boundary_energy(out, mask):
-    """Mean squared gradient of the output across the hard footprint boundary of the paste."""
-    gray = out.mean(-1).astype(np.float64)
-    gx, gy = np.diff(gray, axis=1)[:-1], np.diff(gray, axis=0)[:, :-1]
+def _seam_energy(out, photo, mask):
+    """Mean squared gradient of what the paste changed (out - photo) on a 5 px band across the footprint boundary:
+    a hard paste leaves a step there (the seam), a feathered one a smooth ramp."""
+    delta = (out - photo).mean(-1).astype(np.float64)
+    gx, gy = np.diff(delta, axis=1)[:-1], np.diff(delta, axis=0)[:, :-1]
     foot = (mask > 0).astype(np.uint8)
     ring = cv2.dilate(foot, np.ones((5, 5), np.uint8)) - cv2.erode(foot, np.ones((5, 5), np.uint8))
     ring = ring[:-1, :-1] > 0
@@ -217,12 +218,11 @@ def test_feathering_hides_the_seam_of_a_colour_shifting_restorer(astronaut, reco
     fs = face.build_faceset([dets], [astronaut.shape[:2]])
     crops = face.crop_faces([astronaut], fs, 512)
     shifted = np.clip(crops * np.array([1.0, 0.85, 0.8]) + 0.12, 0, 1)  # brighter and warmer
-    (soft,), (m_soft,) = face.paste_faces([astronaut], shifted, fs, feather=1.0)
+    (soft,), _ = face.paste_faces([astronaut], shifted, fs, feather=1.0)
     (hard,), (m_hard,) = face.paste_faces([astronaut], shifted, fs, feather=0.0)
-    base = _boundary_energy(astronaut, m_hard)
-    e_soft, e_hard = _boundary_energy(soft, m_hard) - base, _boundary_energy(hard, m_hard) - base
-    record_figure("paste seam energy", f"gradient energy on the paste boundary: photo {base:.2e}, hard paste "
-                                       f"{base + e_hard:.2e}, feathered {base + e_soft:.2e}")
+    e_soft, e_hard = _seam_energy(soft, astronaut, m_hard), _seam_energy(hard, astronaut, m_hard)
+    record_figure("paste seam energy", f"gradient energy of the change on the paste boundary: hard paste "
+                                       f"{e_hard:.2e}, feathered {e_soft:.2e} ({e_hard / e_soft:.0f}x lower)")
     assert e_soft < 0.1 * e_hard
 
 

@@ -106,3 +106,22 @@ def test_upscaled_restored_crops_paste_at_the_right_place(group, detected):
     out2, _ = BFRPasteFaces().paste(group, big, faces, 1.0, "none")
     assert (out1 - out2).abs().mean() < 2e-3
     assert isinstance(faces, face.FaceSet)
+
+
+def test_paste_with_a_parsing_model_narrows_the_mask(group, detected, tmp_path, monkeypatch):
+    """A parsing file in models/facedetection (random BiSeNet weights here) is loaded with weights_only and its mask
+    fused into the paste mask: never wider than the plain soft mask; a missing file is a clear error."""
+    from comfyui_bfr.nodes import face as face_nodes
+    from comfyui_bfr.pipelines import face_parsing
+
+    torch.manual_seed(0)
+    torch.save(face_parsing.build_parser("bisenet").state_dict(), tmp_path / "parsing_bisenet.pth")
+    monkeypatch.setattr(face_nodes, "folder_dirs", lambda folder: [str(tmp_path)])
+    faces, _, _ = detected
+    (crops,) = BFRCropFaces().crop(group, faces, 256)
+    _, plain = BFRPasteFaces().paste(group, crops, faces, 1.0, "none")
+    out, parsed = BFRPasteFaces().paste(group, crops, faces, 1.0, "none", parsing="parsing_bisenet.pth")
+    assert (parsed <= plain + 1e-6).all()
+    assert torch.equal(out[parsed == 0], group[parsed == 0])
+    with pytest.raises(NodeInputError, match="parsing_parsenet.pth"):
+        BFRPasteFaces().paste(group, crops, faces, 1.0, "none", parsing="parsing_parsenet.pth")

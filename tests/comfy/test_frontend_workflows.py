@@ -8,6 +8,7 @@ Skipped with the reason when either is missing.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -58,6 +59,18 @@ def test_frontend_loads_workflow_and_converts_to_the_api_twin(comfy_server, fron
         ui,
     )
     assert result["missing"] == [], f"{path.name}: nodes the frontend does not know: {result['missing']}"
+    shots = os.environ.get("BFR_SCREENSHOT_DIR")  # README pictures: BFR_SCREENSHOT_DIR=docs pytest ... -k photo
+    if shots:
+        page.set_viewport_size({"width": 1600, "height": 760})
+        # the template browser opens on a first start: close it (its close button, or drop the overlay)
+        close = page.locator(".p-dialog .p-dialog-close-button, .p-dialog button[aria-label='Close']")
+        if close.count():
+            close.first.click()
+        page.evaluate("() => document.querySelectorAll('.p-dialog-mask').forEach(e => e.remove())")
+        page.evaluate("() => { const c = window.app.canvas; c.ds.scale = 0.62; c.ds.offset = [110, 120]; "
+                      "c.setDirty(true, true); }")
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(Path(shots) / f"workflow_{path.stem}.png"))
     object_info = comfy_server.client().object_info()
     twin = json.loads((REPO / "workflows" / "api" / path.name).read_text())
     frontend = result["output"]
