@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..pipelines import color, face, face_detect, photo
+from ..pipelines import color, face, face_detect, image_io, photo
 from ..pipelines.image_io import IMAGE_EXTENSIONS, ImageFolderError, is_image_file, list_images, prepare_output_folder
 from ..sd import loader
 
@@ -131,24 +131,8 @@ def _config_hash(config: dict) -> str:
 
 def _load_report(report: Path, chash: str, config: dict) -> dict[str, dict]:
     """The last record per input of an existing report; drops a truncated last line; refuses other options."""
-    if not report.exists():
-        return {}
-    data = report.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        logger.warning("%s ends with a truncated line (interrupted run); dropping it", report)
-        with open(report, "r+b") as fh:
-            fh.truncate(cut)
-        data = data[:cut]
     records = {}
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{report}:{n} is not valid JSON ({exc.msg}); delete the file or use --no-resume") \
-                from exc
+    for rec in image_io.read_jsonl_report(report, "--no-resume"):
         if rec.get("config_hash") != chash:
             old = rec.get("config") or {}
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))

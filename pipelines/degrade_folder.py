@@ -36,7 +36,8 @@ from typing import Callable
 import numpy as np
 
 from .degradation import DegradationConfig, degrade_numpy, get_preset, sample_params
-from .image_io import IMAGE_EXTENSIONS, list_images, prepare_output_folder, read_rgb, resize_uint8, save_png
+from .image_io import (IMAGE_EXTENSIONS, list_images, prepare_output_folder, read_jsonl_report, read_rgb, resize_uint8,
+                       save_png)
 
 logger = logging.getLogger(__name__)
 
@@ -137,24 +138,8 @@ def _process_image(task: dict) -> dict:
 
 def _load_report(report: Path, chash: str, base_seed: int) -> set[str]:
     """Outputs recorded in an existing report; drops a truncated last line; refuses another configuration."""
-    if not report.exists():
-        return set()
-    data = report.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        logger.warning("%s ends with a truncated line (interrupted run); dropping it", report)
-        with open(report, "r+b") as fh:
-            fh.truncate(cut)
-        data = data[:cut]
     done = set()
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{report}:{n} is not valid JSON ({exc.msg}); delete the file or use resume=False.") \
-                from exc
+    for rec in read_jsonl_report(report, "resume=False."):
         if rec.get("config_hash") != chash or rec.get("base_seed") != base_seed:
             raise ValueError(f"{report} was written with another configuration or seed (config_hash "
                              f"{rec.get('config_hash')}, seed {rec.get('base_seed')}; now {chash}, seed {base_seed}). "

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .weights import read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -522,58 +523,6 @@ def _few(keys: Sequence[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def _reason(exc: BaseException) -> str:
-    """The informative part of a torch.load error (its weights-only preamble dropped), on one line."""
-    text = str(exc)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise _fail(path, "file not found")
-    if not path.is_file():
-        raise _fail(path, "is not a file")
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            obj = load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors' own error types for bad headers / truncation
-            raise _fail(path, f"not a readable safetensors file ({type(exc).__name__}: {exc}); "
-                              "it looks truncated or corrupt, download it again") from exc
-    else:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if any(s in str(exc) for s in ("Unsupported global", "Unsupported class", "allowed global")):
-                raise _fail(path, "it is a pickle that needs Python code to load (refused without running "
-                                  "anything: only weights_only loading is allowed); use the original release "
-                                  "file") from exc
-            raise _fail(path, f"not a readable PyTorch file ({_reason(exc)}); it looks truncated or corrupt, "
-                              "download it again") from exc
-        except Exception as exc:  # zip / EOF / runtime errors of a damaged file
-            raise _fail(path, f"not a readable PyTorch file ({_reason(exc)}); it looks truncated or corrupt, "
-                              "download it again") from exc
-    if isinstance(obj, Mapping):
-        for wrapper in ("state_dict", "params_ema", "params", "model"):
-            inner = obj.get(wrapper)
-            if isinstance(inner, Mapping) and inner:
-                obj = inner
-                break
-    if not isinstance(obj, Mapping) or not obj:
-        raise _fail(path, f"expected a state dict (name -> tensor), found {type(obj).__name__}")
-    sd: dict[str, torch.Tensor] = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            raise _fail(path, f"entry {key!r} is a {type(value).__name__}, not a tensor")
-        key = str(key)
-        sd[key[len("module."):] if key.startswith("module.") else key] = value
-    return sd
-
-
 def _infer_arch(sd: Mapping[str, torch.Tensor]) -> str | None:
     if "cp.resnet.conv1.weight" in sd or "ffm.convblk.conv.weight" in sd:
         return "bisenet"
@@ -591,7 +540,7 @@ def load_parser(path: str | Path, arch: str | None = None, device: torch.device 
     :class:`FaceParsingWeightsError` naming the file, the folder and the fix.
     """
     path = Path(path)
-    sd = _read_state_dict(path)
+    sd = read_state_dict(path, _fail)
     found = _infer_arch(sd)
     if found is None:
         raise _fail(path, f"these are not ParseNet or BiSeNet face-parsing weights (keys: {_few(list(sd))})")

@@ -6,6 +6,8 @@ Every command and trainer uses these, so one set of extensions, one EXIF/alpha/1
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -14,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -41,14 +45,45 @@ def list_images(folder: str | Path, what: str = "image folder", *, recursive: bo
     return files
 
 
-def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
-    """uint8 RGB HWC (a fresh, writable array): EXIF orientation applied, alpha dropped (not composited), gray
-    replicated, 16-bit scaled to 8-bit (round(v * 255 / 65535)); optionally resized to a ``size`` square
-    (:func:`resize_uint8`). Missing or unreadable files raise :class:`ImageFolderError`."""
+def read_jsonl_report(report: Path, fresh_start: str) -> list[dict]:
+    """The records of a resumable JSONL report ([] when absent). A truncated last line (an interrupted run) is
+    dropped from the file with a warning; a corrupt line is an error that says to delete the file or use
+    ``fresh_start`` (the caller's way to start over, e.g. ``--no-resume``)."""
+    if not report.exists():
+        return []
+    data = report.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        logger.warning("%s ends with a truncated line (interrupted run); dropping it", report)
+        with open(report, "r+b") as fh:
+            fh.truncate(cut)
+        data = data[:cut]
+    records = []
+    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{report}:{n} is not valid JSON ({exc.msg}); delete the file or use {fresh_start}") \
+                from exc
+    return records
+
+
+def require_image_file(path: str | Path) -> Path:
+    """``path`` as a Path if it is a file; else an :class:`ImageFolderError` saying what it is instead."""
     path = Path(path)
     if not path.is_file():
         kind = "is a folder, not an image file" if path.is_dir() else "does not exist"
         raise ImageFolderError(f"image {str(path)!r} {kind}; pass an image file ({', '.join(IMAGE_EXTENSIONS)}).")
+    return path
+
+
+def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
+    """uint8 RGB HWC (a fresh, writable array): EXIF orientation applied, alpha dropped (not composited), gray
+    replicated, 16-bit scaled to 8-bit (round(v * 255 / 65535)); optionally resized to a ``size`` square
+    (:func:`resize_uint8`). Missing or unreadable files raise :class:`ImageFolderError`."""
+    path = require_image_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import color, face, face_detect
+from . import color, face, face_detect, image_io
 from .face import Detection, FaceSet
-from .image_io import IMAGE_EXTENSIONS, ImageFolderError
+from .image_io import ImageFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -261,10 +261,7 @@ def read_photo(path: str | Path) -> tuple[np.ndarray, int]:
     (RGBA with transparency); other modes (CMYK, YCbCr, 1-bit) become RGB or gray. A missing, unreadable or corrupt
     file raises :class:`.image_io.ImageFolderError` naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        kind = "is a folder, not an image file" if path.is_dir() else "does not exist"
-        raise ImageFolderError(f"image {str(path)!r} {kind}; pass an image file ({', '.join(IMAGE_EXTENSIONS)}).")
+    path = image_io.require_image_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

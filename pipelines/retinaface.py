@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .weights import read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -441,46 +442,6 @@ def _fail(path: Path, what: str) -> RetinaFaceWeightsError:
                                   f"Fix: {_FIX}.")
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "file not found"
-        raise _fail(path, what)
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            obj = load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for truncated / invalid headers
-            raise _fail(path, f"not a readable safetensors file (truncated or corrupt? {type(exc).__name__}: "
-                              f"{exc}); download it again") from exc
-    else:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
-                raise _fail(path, "the file holds pickled Python objects other than tensors, so it was refused "
-                                  "unread (only weights_only loading is allowed; nothing in it was executed); use "
-                                  "the original release file") from exc
-            raise _fail(path, f"not a readable PyTorch file (truncated or corrupt? {exc}); download it again") from exc
-        except Exception as exc:  # zip/EOF/runtime errors of a damaged file
-            raise _fail(path, f"not a readable PyTorch file (truncated or corrupt? {type(exc).__name__}: {exc}); "
-                              "download it again") from exc
-    if isinstance(obj, Mapping):
-        for wrapper in ("state_dict", "model", "params", "net"):
-            inner = obj.get(wrapper)
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                obj = inner
-                break
-    if not isinstance(obj, Mapping) or not obj:
-        raise _fail(path, f"expected a state dict (name -> tensor), found {type(obj).__name__}")
-    sd: dict[str, torch.Tensor] = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            raise _fail(path, f"entry {key!r} is a {type(value).__name__}, not a tensor")
-        sd[key[len("module."):] if key.startswith("module.") else key] = value
-    return sd
-
-
 def _infer_arch(sd: Mapping[str, torch.Tensor]) -> str | None:
     if "body.stage1.0.0.weight" in sd:
         return "mobilenet0.25"
@@ -503,7 +464,7 @@ def load_retinaface(path: str | Path, arch: str | None = None, device: torch.dev
     :class:`RetinaFaceWeightsError` naming the file and what is wrong.
     """
     path = Path(path)
-    sd = _read_state_dict(path)
+    sd = read_state_dict(path, _fail)
     found = _infer_arch(sd)
     if found is None:
         raise _fail(path, f"these are not RetinaFace weights of the {sorted(ARCHS)} layout "
