@@ -14,7 +14,8 @@ layers) and a stand-in tokenizer (no vocabulary offline; ids do not matter with 
 Peak memory of each case from its own start: on CUDA torch.cuda.max_memory_allocated (reset before each case), on
 the CPU the process's peak RSS (VmHWM, reset through /proc/self/clear_refs), beside the resident memory before the
 case (all weights loaded) and the RSS after every step (flat = nothing accumulates per step). The LQ cache's size is
-read from the pipeline's cache dict during the first step.
+read from the pipeline's cache dict during the first step. Times on the wall clock and, on the CPU, on the process
+CPU clock too (with --threads 1 it counts the work done, not the waits for a core on a shared machine).
 
 Run: ``python bench/restore.py`` (see --help).
 """
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=512, help="face size in px (latent = size/8)")
     ap.add_argument("--steps", type=int, default=20, help="FlipNet DDIM steps = DR2 UNet evaluations")
     ap.add_argument("--cases", default="flipnet,dr2-latent", help=f"comma-separated, of {', '.join(CASES)}")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU; 1: the CPU clock counts work)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed 2-step run of each case first "
                     "(default: 1 on CUDA, 0 on the CPU)")
     ap.add_argument("--json", help="also write the results here")
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
             sync(device)
             if trace is not None:
                 trace["step_s"].append(time.perf_counter())
+                trace["step_cpu_s"].append(time.process_time())
                 trace["memory_gib"].append(current_memory_gb(device))
                 if case == "flipnet" and i == 1:
                     trace["lq_cache_bytes"] = tensor_bytes(state.kv_cache)
@@ -122,38 +124,47 @@ def main(argv=None) -> int:
             sync(device)
             before = current_memory_gb(device)
             reset_peak_memory(device)
-            trace = {"step_s": [], "memory_gib": []}
-            t0 = time.perf_counter()
+            trace = {"step_s": [], "step_cpu_s": [], "memory_gib": []}
+            t0, c0 = time.perf_counter(), time.process_time()
             out = run(case, args.steps, trace)
             sync(device)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             steps_s = [b - a for a, b in zip(trace["step_s"], trace["step_s"][1:])]
+            steps_cpu = [b - a for a, b in zip(trace["step_cpu_s"], trace["step_cpu_s"][1:])]
             results[case] = {
-                "seconds_per_face": wall, "unet_batch": 2 if case == "flipnet" else 1,
+                "seconds_per_face": wall, "cpu_seconds_per_face": cpu, "unet_batch": 2 if case == "flipnet" else 1,
                 "median_step_s": sorted(steps_s)[len(steps_s) // 2] if steps_s else None,
+                "median_step_cpu_s": sorted(steps_cpu)[len(steps_cpu) // 2] if steps_cpu else None,
+                "step_s": steps_s, "step_cpu_s": steps_cpu,
                 "memory_before_gib": before, "peak_memory_gib": peak_memory_gb(device),
                 "memory_per_step_gib": trace["memory_gib"], "lq_cache_bytes": trace.get("lq_cache_bytes"),
                 "output_finite": bool(torch.isfinite(out).all()),
             }
             r = results[case]
-            log.info("%s: %.2f s per face, peak %.2f GiB (%.2f GiB before)", case, wall, r["peak_memory_gib"], before)
+            log.info("%s: %.2f s per face (%.2f CPU s), peak %.2f GiB (%.2f GiB before); load %.2f", case, wall, cpu,
+                     r["peak_memory_gib"], before, loadavg()[0])
     load_end = loadavg()
     kind = "GPU memory (max_memory_allocated)" if device.type == "cuda" else "RSS"
     result = {"command": command("restore.py", argv), "machine": machine(device), "device": str(device),
               "dtype": str(dtype).removeprefix("torch."), "size": args.size, "steps": args.steps,
+              "threads": torch.get_num_threads(),
               "params": {"unet": n_params(unet), "vae": n_params(vae), "text_encoder": n_params(text_encoder)},
               "weights_gib": weights_gib, "memory_kind": kind, "cases": results,
               "loadavg_start": load_start, "loadavg_end": load_end}
     print(f"Restore at {args.size} px, 1 face, {args.steps} steps ({result['machine']}, {result['dtype']}); weights "
           f"{sum(weights_gib.values()):.2f} GiB (" + ", ".join(f"{k} {v:.2f}" for k, v in weights_gib.items()) + "):")
     short = "GPU" if device.type == "cuda" else "RSS"
-    print(f"  {'case':<14}{'s/face':>9}{'s/step':>9}{f'peak {short}, GiB':>16}{'before':>9}{'after each step':>18}")
+    on_cpu = device.type == "cpu"
+    print(f"  {'case':<14}{'s/face':>9}{'s/step':>9}" + (f"{'CPU s/face':>12}{'CPU s/step':>12}" if on_cpu else "")
+          + f"{f'peak {short}, GiB':>16}{'before':>9}{'after each step':>18}")
     for case, r in results.items():
         mem = r["memory_per_step_gib"]
         step = f"{r['median_step_s']:.3f}" if r["median_step_s"] is not None else "-"
+        cpu_step = f"{r['median_step_cpu_s']:.3f}" if r["median_step_cpu_s"] is not None else "-"
         span = f"{min(mem):.2f}-{max(mem):.2f}" if mem else ""
-        print(f"  {case:<14}{r['seconds_per_face']:>9.2f}{step:>9}{r['peak_memory_gib']:>16.2f}"
-              f"{r['memory_before_gib']:>9.2f}{span:>18}")
+        print(f"  {case:<14}{r['seconds_per_face']:>9.2f}{step:>9}"
+              + (f"{r['cpu_seconds_per_face']:>12.2f}{cpu_step:>12}" if on_cpu else "")
+              + f"{r['peak_memory_gib']:>16.2f}{r['memory_before_gib']:>9.2f}{span:>18}")
     if results.get("flipnet", {}).get("lq_cache_bytes") is not None:
         print(f"  LQ cache during the FlipNet run: {results['flipnet']['lq_cache_bytes'] / 1e6:.1f} MB "
               f"({result['dtype']}, 2 CFG rows)")
