@@ -125,3 +125,25 @@ def test_paste_with_a_parsing_model_narrows_the_mask(group, detected, tmp_path, 
     assert torch.equal(out[parsed == 0], group[parsed == 0])
     with pytest.raises(NodeInputError, match="parsing_parsenet.pth"):
         BFRPasteFaces().paste(group, crops, faces, 1.0, "none", parsing="parsing_parsenet.pth")
+
+
+def test_identity_score_node_agrees_with_a_direct_computation(group, detected):
+    """BFR Identity Score on aligned crops: a crop with itself is cosine 1 / 0 deg; the two astronaut crops are
+    closer than the astronaut and the cameraman; the numbers equal the pipeline's own descriptor comparison."""
+    from comfyui_bfr.nodes.identity import BFRIdentityScore
+    from comfyui_bfr.pipelines import identity
+
+    faces, _, _ = detected
+    (crops,) = BFRCropFaces().crop(group, faces, 256)  # #0, #1 astronaut (and mirror), #2 cameraman
+    cos, ang, report = BFRIdentityScore().score(crops[:1], crops[:1], True)
+    assert cos == pytest.approx(1.0, abs=1e-9) and ang == pytest.approx(0.0, abs=1e-6)
+    cos01, _, _ = BFRIdentityScore().score(crops[0:1], crops[1:2], True)
+    cos02, ang02, report = BFRIdentityScore().score(crops[0:1], crops[2:3], True)
+    assert cos01 > cos02
+    judge = identity.DlibIdentity()
+    e0, e2 = (judge.embed(crops[i].numpy(), aligned=True) for i in (0, 2))
+    assert cos02 == pytest.approx(identity.cosine(e0, e2), abs=1e-9)
+    assert ang02 == pytest.approx(identity.angle_degrees(e0, e2), abs=1e-6)
+    assert "dlib face descriptor" in report and "sha256" in report
+    with pytest.raises(NodeInputError, match="image_a has 3 images, image_b 2"):
+        BFRIdentityScore().score(crops, crops[:2], True)
