@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from .face import FFHQ_TEMPLATE_512, TEMPLATE_SIZE, fit_similarity
 from .metrics import file_record
-from .weights import read_state_dict
+from .weights import layout_problems, read_state_dict, short_list
 
 logger = logging.getLogger(__name__)
 
@@ -296,11 +296,6 @@ def _fail(path: Path, what: str) -> IdentityWeightsError:
                                 f"Fix: {_FIX}.")
 
 
-def _short(keys: Sequence[str], n: int = 6) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
 def _blocks_per_stage(sd: Mapping[str, torch.Tensor]) -> tuple[int, ...] | None:
     counts = [0, 0, 0, 0]
     for key in sd:
@@ -335,29 +330,15 @@ def load_identity_model(path: str | Path, arch: str | None = None, device: torch
     if found is None:
         counts = _blocks_per_stage(sd)
         what = (f"blocks per stage {counts} are not one of {dict(BLOCKS)}" if counts and "conv1.weight" in sd
-                else f"first keys: {_short(list(sd)[:6])}")
+                else f"first keys: {short_list(list(sd)[:6])}")
         raise _fail(path, f"these are not arcface_torch iresnet weights of {list(ARCHS)} ({what})")
     if arch is not None and canonical_arch(arch) != found:
         raise _fail(path, f"the file holds {found} weights but arch={arch!r} was asked; pass arch={found!r} or None")
     net = IResNet(found, eps=eps)
     expected = net.state_dict()
-    optional = {k for k in expected if k.endswith("num_batches_tracked")}
-    missing = [k for k in expected if k not in sd and k not in optional]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-             if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_short(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shapes: {_short(wrong, 4)}")
-        raise _fail(path, f"not the arcface_torch {found} layout ({'; '.join(parts)})")
-    bad = [k for k in sd if not (sd[k].is_floating_point() or k in optional)]
-    if bad:
-        raise _fail(path, f"non-float weights: {_short(bad)}")
+    problems, _ = layout_problems(sd, expected)
+    if problems:
+        raise _fail(path, f"not the arcface_torch {found} layout ({problems})")
     net.load_state_dict(sd, strict=False)  # every non-optional key checked above
     logger.info("loaded identity model %s from %s (%s, %s)", found, path, device, dtype)
     return IdentityModel(net, device=device, dtype=dtype, path=path, align=align)

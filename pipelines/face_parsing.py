@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .weights import read_state_dict
+from .weights import layout_problems, read_state_dict, short_list
 
 logger = logging.getLogger(__name__)
 
@@ -517,12 +517,6 @@ def _fail(path: Path, what: str) -> FaceParsingWeightsError:
                                    f"Fix: {_FIX}.")
 
 
-def _few(keys: Sequence[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def _infer_arch(sd: Mapping[str, torch.Tensor]) -> str | None:
     if "cp.resnet.conv1.weight" in sd or "ffm.convblk.conv.weight" in sd:
         return "bisenet"
@@ -543,25 +537,14 @@ def load_parser(path: str | Path, arch: str | None = None, device: torch.device 
     sd = read_state_dict(path, _fail)
     found = _infer_arch(sd)
     if found is None:
-        raise _fail(path, f"these are not ParseNet or BiSeNet face-parsing weights (keys: {_few(list(sd))})")
+        raise _fail(path, f"these are not ParseNet or BiSeNet face-parsing weights (keys: {short_list(list(sd))})")
     if arch is not None and canonical_arch(arch) != found:
         raise _fail(path, f"the file holds {found} weights but arch={arch!r} was asked; pass arch={found!r} or None")
     net = build_parser(found)
     expected = net.state_dict()
-    optional = {k for k in expected if k.endswith("num_batches_tracked")}  # absent from pre-0.4.1 checkpoints
-    missing = [k for k in expected if k not in sd and k not in optional]
-    unexpected = [k for k in sd if k not in expected]
-    if missing or unexpected:
-        parts = ([f"missing keys: {_few(missing)}"] if missing else []) + (
-            [f"unexpected keys: {_few(unexpected)}"] if unexpected else [])
-        raise _fail(path, f"not the released {found} layout ({'; '.join(parts)})")
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-             if k in sd and sd[k].shape != v.shape]
-    if wrong:
-        raise _fail(path, f"tensor shapes do not match the released {found} layout: {_few(wrong, 3)}")
-    not_float = [k for k in sd if k not in optional and not sd[k].is_floating_point()]
-    if not_float:
-        raise _fail(path, f"non-float weights: {_few(not_float)}")
+    problems, optional = layout_problems(sd, expected)
+    if problems:
+        raise _fail(path, f"not the released {found} layout ({problems})")
     net.load_state_dict({**{k: expected[k] for k in optional}, **sd}, strict=True)
     logger.info("loaded %s face parser from %s (%d tensors; %s, %s)", found, path, len(sd), device, dtype)
     return FaceParser(net, found, device=device, dtype=dtype)

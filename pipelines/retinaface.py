@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .weights import read_state_dict
+from .weights import layout_problems, read_state_dict, short_list
 
 logger = logging.getLogger(__name__)
 
@@ -450,11 +450,6 @@ def _infer_arch(sd: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _short(keys: Sequence[str], n: int = 6) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
 def load_retinaface(path: str | Path, arch: str | None = None, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> RetinaFaceDetector:
     """Load a released RetinaFace weight file (``.pth`` via weights_only, or ``.safetensors``) into a detector.
@@ -468,7 +463,7 @@ def load_retinaface(path: str | Path, arch: str | None = None, device: torch.dev
     found = _infer_arch(sd)
     if found is None:
         raise _fail(path, f"these are not RetinaFace weights of the {sorted(ARCHS)} layout "
-                          f"(first keys: {_short(list(sd)[:6])})")
+                          f"(first keys: {short_list(list(sd)[:6])})")
     if arch is not None:
         wanted = canonical_arch(arch)
         if wanted != found:
@@ -476,23 +471,9 @@ def load_retinaface(path: str | Path, arch: str | None = None, device: torch.dev
                               "or None")
     net = RetinaFace(found)
     expected = net.state_dict()
-    optional = {k for k in expected if k.endswith("num_batches_tracked")}
-    missing = [k for k in expected if k not in sd and k not in optional]
-    unexpected = [k for k in sd if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_short(unexpected)}")
-        raise _fail(path, f"not the {found} RetinaFace layout ({'; '.join(parts)})")
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-             if k in sd and sd[k].shape != v.shape]
-    if wrong:
-        raise _fail(path, f"tensor shapes do not match the {found} RetinaFace layout: {_short(wrong, 4)}")
-    bad = [k for k in sd if not (sd[k].is_floating_point() or k in optional)]
-    if bad:
-        raise _fail(path, f"non-float weights: {_short(bad)}")
+    problems, _ = layout_problems(sd, expected)
+    if problems:
+        raise _fail(path, f"not the {found} RetinaFace layout ({problems})")
     net.load_state_dict(sd, strict=False)  # every non-optional key checked above
     logger.info("loaded RetinaFace %s from %s (%s, %s)", found, path, device, dtype)
     return RetinaFaceDetector(net, device=device, dtype=dtype)

@@ -65,3 +65,33 @@ def read_state_dict(path: Path, fail: Callable[[Path, str], Exception]) -> dict[
         key = str(key)
         sd[key[len("module."):] if key.startswith("module.") else key] = value
     return sd
+
+
+def short_list(keys, n: int = 6) -> str:
+    """A few sorted names for an error message, with the total when there are more."""
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def layout_problems(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> tuple[str | None, set]:
+    """Compare a state dict with the network's own: (what is wrong or None, the optional keys).
+
+    Optional = BatchNorm ``num_batches_tracked`` (absent from old checkpoints). Reported: missing keys, unexpected
+    keys, wrong shapes (``name (file shape) (expected (shape))``), non-float weights."""
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    missing = [k for k in expected if k not in sd and k not in optional]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+             if k in sd and sd[k].shape != v.shape]
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {short_list(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {short_list(unexpected)}")
+    if wrong:
+        parts.append(f"wrong shapes: {short_list(wrong, 4)}")
+    if not parts:
+        bad = [k for k in sd if not (sd[k].is_floating_point() or k in optional)]
+        if bad:
+            parts.append(f"non-float weights: {short_list(bad)}")
+    return ("; ".join(parts) or None), optional
