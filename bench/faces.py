@@ -20,7 +20,7 @@ weights, timing only), interleaved in every repeat so that machine load hits eve
 - alignment + crop: ``face.build_faceset`` (LMEDS similarity per face) + ``face.crop_faces`` (512 px crops) on the
   photo's faces; dlib backends use their own detections (their 5 points and calibrated template), RetinaFace rows
   use dlib_cnn's faces with their FFHQ landmarks as the 5 points (what a RetinaFace detection holds);
-- colour fix: ``photo._color_fix(restored, crops, "wavelet")`` at 512 px (the restored crops are the crops);
+- colour fix: ``photo.color_fix_crops(restored, crops, "wavelet")`` at 512 px (the restored crops are the crops);
 - paste-back: ``face.paste_faces([rgb], restored, faces, feather=1)`` (photo copy, soft mask, inverse warp, blend);
 - DR2 step: one UNet eps_theta(x_t, t) call at batch 1 on a 64x64 latent with a 77x1024 null context (DR2 runs at
   CFG 1), plus x0-hat (Eq. 11), the step's noise draws, the DDPM transition and the latent refinement (N = 2,
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
                                                                          backend=used))
         crops = measure("align_crop_crops", lambda: face.crop_faces([rgb], faces, CROP)[..., :3])
         restored = crops.copy()
-        fixed = measure("color_fix", lambda: photo._color_fix(restored, crops, "wavelet"))
+        fixed = measure("color_fix", lambda: photo.color_fix_crops(restored, crops, "wavelet"))
         measure("paste", lambda: face.paste_faces([rgb], fixed, faces, feather=1.0))
         if backend.startswith("retinaface"):
             bx, sc = jittered_boxes(p["ref"], 50)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..pipelines import color, face, face_detect, face_parsing
+from ..pipelines import face, face_detect, face_parsing, photo
 from ._comfy import FACE_FOLDER, folder_dirs, intermediate_device, model_files, progress_callback, torch_device
 from .helpers import NodeInputError, to_rgb
 
@@ -133,16 +133,13 @@ class BFRDetectFaces:
 
     def detect(self, image, backend, selection, indices, order, min_size, max_faces, score_threshold, max_side,
                mask=None):
-        rgb, photos = _photos(DETECT_ID, image)
+        _, photos = _photos(DETECT_ID, image)
         masks = _mask_list(DETECT_ID, mask, photos)
         try:
             idx = face.parse_indices(indices) if selection == "index" else []
-            per_image, used = [], backend
-            for p in photos:
-                used, dets = face_detect.detect(p, backend, folder_dirs(FACE_FOLDER),
-                                                threshold=None if score_threshold == -1 else score_threshold,
-                                                max_side=max_side, device=torch_device())
-                per_image.append(dets)
+            used, per_image = face_detect.detect_batch(
+                photos, backend, folder_dirs(FACE_FOLDER), threshold=None if score_threshold == -1 else score_threshold,
+                max_side=max_side, device=torch_device())
             faces = face.build_faceset(per_image, [p.shape[:2] for p in photos], selection, indices=idx,
                                        masks=masks, min_size=min_size, max_faces=max_faces, order=order,
                                        backend=used)
@@ -150,14 +147,13 @@ class BFRDetectFaces:
             raise NodeInputError(DETECT_ID, str(exc)) from exc
         previews = []
         for i, (p, dets) in enumerate(zip(photos, per_image)):
-            chosen = {f.number for f in faces.faces if f.image_index == i}
-            numbered = list(enumerate(face.order_detections([d for d in dets if d.size >= min_size], order)))
+            numbered = face.numbered_detections(dets, faces, i, min_size, order)
             message = None
             if not dets:
                 message = "no face found"
-            elif not chosen:
+            elif not any(selected for _, _, selected in numbered):
                 message = "no face selected"
-            previews.append(face.draw_faces(p, [(n, d, n in chosen) for n, d in numbered], message))
+            previews.append(face.draw_faces(p, numbered, message))
         if not len(faces):
             logger.warning("[%s] no face selected in %d photo(s) (%s): the photos pass through unchanged",
                            DETECT_ID, len(photos), faces.backend)
@@ -303,17 +299,17 @@ class BFRPasteFaces:
         if crops.shape[1] != crops.shape[2]:
             raise NodeInputError(PASTE_ID, f"restored crops are {crops.shape[2]}x{crops.shape[1]}; they must be "
                                            "square (the aligned crops, possibly upscaled).")
-        size = int(crops.shape[1])
-        if color_fix != "none":
-            ref = torch.from_numpy(face.crop_faces(photos, faces, size))
-            crops = color.color_fix(crops.movedim(-1, 1), ref.movedim(-1, 1), color_fix).movedim(1, -1)
-        crop_masks = None
+        parse = None
         if parsing and parsing != NO_PARSING:
             parser = _parser(parsing)
-            crop_masks = parser.face_mask(crops.movedim(-1, 1).to(torch_device())).float().cpu().numpy()
+
+            def parse(fixed: np.ndarray) -> np.ndarray:
+                x = torch.from_numpy(fixed).movedim(-1, 1).to(torch_device())
+                return parser.face_mask(x).float().cpu().numpy()
+
         progress = progress_callback(len(faces), unique_id)
-        outs, masks = face.paste_faces(photos, crops.numpy(), faces, feather=feather, crop_masks=crop_masks,
-                                       on_face=progress)
+        outs, masks, _ = photo.fix_and_paste(photos, crops.cpu().numpy(), faces, color_fix=color_fix, feather=feather,
+                                             parse=parse, on_face=progress)
         out = torch.from_numpy(np.stack(outs))
         if alpha is not None:
             out = torch.cat([out, alpha], -1)

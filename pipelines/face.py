@@ -264,6 +264,15 @@ def order_detections(dets: Sequence[Detection], order: str = "area") -> list[Det
     return sorted(dets, key=key)
 
 
+def numbered_detections(dets: Sequence[Detection], faces: "FaceSet", image_index: int, min_size: float = 0.0,
+                        order: str = "area") -> list[tuple[int, Detection, bool]]:
+    """Every detection of one photo large enough to be numbered, as (number, detection, selected in ``faces``), in
+    the documented order: what the preview draws and the reports list."""
+    chosen = {f.number for f in faces.faces if f.image_index == image_index}
+    return [(n, d, n in chosen) for n, d in enumerate(order_detections([d for d in dets if d.size >= min_size],
+                                                                       order))]
+
+
 def parse_indices(text: str) -> list[int]:
     """'0,2' / '0 2' / 'index:0,2' -> [0, 2]; rejects anything else with the expected form."""
     body = text.strip()

@@ -239,3 +239,13 @@ def detect(image: np.ndarray, backend: str = "auto", folders: Sequence[str | Pat
     if s != 1.0:
         found = [_scaled(d, s) for d in found]
     return name, found
+
+
+def detect_batch(images: Sequence[np.ndarray], backend: str = "auto", folders: Sequence[str | Path] = (),
+                 **kwargs) -> tuple[str, list[list[Detection]]]:
+    """:func:`detect` on every photo of a batch -> (backend used, one detection list per photo)."""
+    used, per_image = resolve_backend(backend, folders), []
+    for image in images:
+        used, dets = detect(image, backend, folders, **kwargs)
+        per_image.append(list(dets))
+    return used, per_image

@@ -154,12 +154,32 @@ def _check_restored(out, n: int) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
-def _color_fix(restored: np.ndarray, reference: np.ndarray, method: str) -> np.ndarray:
+def color_fix_crops(restored: np.ndarray, reference: np.ndarray, method: str) -> np.ndarray:
+    """:func:`.color.color_fix` on (N, S, S, 3) numpy crops ('none' returns ``restored`` as it is)."""
     if method == "none":
         return restored
     out = color.color_fix(torch.from_numpy(np.ascontiguousarray(restored)).permute(0, 3, 1, 2),
                           torch.from_numpy(np.ascontiguousarray(reference)).permute(0, 3, 1, 2), method)
     return np.ascontiguousarray(out.permute(0, 2, 3, 1).numpy(), dtype=np.float32)
+
+
+def fix_and_paste(photos: Sequence[np.ndarray], restored: np.ndarray, faces: FaceSet, *, color_fix: str = "wavelet",
+                  feather: float = 1.0, reference: np.ndarray | None = None,
+                  parse: Callable[[np.ndarray], np.ndarray] | None = None,
+                  on_face: Callable[[int], None] | None = None) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """The paste half of the pipeline, shared by the CLI and the Paste Faces node: colour-fix each restored crop
+    (N, S, S, 3) against the original aligned crop at the restored size (``reference``, cut from ``photos`` when not
+    given or of another size; ``color_fix`` none | wavelet | adain), optionally fuse a parsing mask computed on the
+    fixed crops (``parse``: crops -> (N, S, S) masks), and paste back (:func:`.face.paste_faces`).
+    Returns (photos, masks, the colour-fixed crops)."""
+    size = restored.shape[1]
+    if color_fix != "none":
+        if reference is None or reference.shape[1] != size:
+            reference = face.crop_faces(photos, faces, size)[..., :3]
+        restored = color_fix_crops(restored, reference, color_fix)
+    crop_masks = parse(restored) if parse is not None else None
+    pasted, masks = face.paste_faces(photos, restored, faces, feather=feather, crop_masks=crop_masks, on_face=on_face)
+    return pasted, masks, restored
 
 
 def restore_photo_batch(photos: Sequence[np.ndarray], restore_crops: RestoreCrops, *, backend: str = "auto",
@@ -194,11 +214,8 @@ def restore_photo_batch(photos: Sequence[np.ndarray], restore_crops: RestoreCrop
     rgbs = [s[0] for s in split]
     sizes = [rgb.shape[:2] for rgb in rgbs]
     if detections is None:
-        used, per_image = face_detect.resolve_backend(backend, folders), []
-        for rgb in rgbs:
-            used, dets = face_detect.detect(rgb, backend, folders, threshold=threshold, max_side=max_side,
-                                            device=device)
-            per_image.append(list(dets))
+        used, per_image = face_detect.detect_batch(rgbs, backend, folders, threshold=threshold, max_side=max_side,
+                                                   device=device)
     else:
         if len(detections) != len(photos):
             raise ValueError(f"detections has {len(detections)} lists for {len(photos)} photos; give one per photo")
@@ -208,10 +225,8 @@ def restore_photo_batch(photos: Sequence[np.ndarray], restore_crops: RestoreCrop
     crops = face.crop_faces(rgbs, faceset, crop_size)[..., :3]
     if len(faceset):
         restored = _check_restored(restore_crops(crops.copy()), len(faceset))
-        size = restored.shape[1]
-        reference = crops if size == crop_size else face.crop_faces(rgbs, faceset, size)[..., :3]
-        restored = _color_fix(restored, reference, color_fix)
-        pasted, paste_masks = face.paste_faces(rgbs, restored, faceset, feather=feather)
+        pasted, paste_masks, restored = fix_and_paste(rgbs, restored, faceset, color_fix=color_fix, feather=feather,
+                                                      reference=crops)
     else:
         restored = np.zeros((0, crop_size, crop_size, 3), np.float32)
         pasted, paste_masks = [rgb.copy() for rgb in rgbs], [np.zeros(s, np.float32) for s in sizes]
@@ -221,9 +236,7 @@ def restore_photo_batch(photos: Sequence[np.ndarray], restore_crops: RestoreCrop
         mine = tuple(dataclasses.replace(f, image_index=0) for f in faceset.faces if f.image_index == i)
         notes = tuple(n for n in faceset.notes if n.startswith(f"photo {i}:"))
         one = FaceSet(mine, (tuple(sizes[i]),), (faceset.detected[i],), used, order, notes)
-        chosen = {f.number for f in mine}
-        numbered = [(n, d, n in chosen) for n, d in
-                    enumerate(face.order_detections([d for d in per_image[i] if d.size >= min_size], order))]
+        numbered = face.numbered_detections(per_image[i], faceset, i, min_size, order)
         warns = [n.split(": ", 1)[1] for n in notes]
         if not per_image[i]:
             warns.append(f"no face found ({used}); the photo is unchanged")
