@@ -64,6 +64,8 @@ logger = logging.getLogger(__name__)
 FLIPNET_FORMAT = "flipnet/1"
 FACE_AE_FORMAT = "flipnet-face-ae/1"
 FLIPNET_LORA_FORMAT = "flipnet-lora/1"
+DRBFR_FORMAT = "drbfr/1"  # lora/cond_checkpoint.py
+CLRFACE_FORMAT = "clrface/1"  # lora/cond_checkpoint.py
 BASE_MODEL = "sd2.1-base"
 FLIPNET_MODES = ("restore", "degrade")
 T_Y_POLICIES = ("same", "fixed")
@@ -298,20 +300,21 @@ def _check_boosthub_shapes(path, boosthub: dict[str, torch.Tensor], topo: dict) 
             raise CheckpointError(path, str(exc)) from None
 
 
-def _check_module_tensors(path, namespace: str, module: nn.Module, sd: dict[str, torch.Tensor], config: str) -> None:
+def _check_module_tensors(path, namespace: str, module: nn.Module, sd: dict[str, torch.Tensor], config: str,
+                          fix: str = "Re-export the checkpoint with `bfr train flipnet`.") -> None:
     """``sd`` has exactly the tensors (names and shapes) of ``module``, a meta-device build from the stored config."""
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     if missing or unexpected:
         raise CheckpointError(path, f"'{namespace}.*' does not match the stored {config}: {len(missing)} tensors "
                                     f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
-                                    f"{unexpected[:3]}). Re-export the checkpoint with `bfr train flipnet`.")
+                                    f"{unexpected[:3]}). {fix}")
     for k, shape in want.items():
         if tuple(sd[k].shape) != shape:
             have = "x".join(map(str, sd[k].shape)) or "a scalar"
             raise CheckpointError(path, f"{namespace}.{k} is {have}, but the stored {config} needs "
                                         f"{'x'.join(map(str, shape)) or 'a scalar'}: the weights and the config come "
-                                        "from different models. Re-export the checkpoint with `bfr train flipnet`.")
+                                        f"from different models. {fix}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -481,7 +484,10 @@ def read_flipnet_checkpoint(path: str | Path, expected_base_model: str = BASE_MO
     if fmt != FLIPNET_FORMAT:
         hint = {FACE_AE_FORMAT: " It is a face-autoencoder file: pass it as --face-ae to `bfr train flipnet`.",
                 FLIPNET_LORA_FORMAT: " It is the LoRA part alone (`bfr export-lora`): load it with ComfyUI's "
-                                     "LoraLoaderModelOnly, or use the full FlipNet file it came from."}.get(fmt, "")
+                                     "LoraLoaderModelOnly, or use the full FlipNet file it came from.",
+                DRBFR_FORMAT: " It is a DR-BFR checkpoint: load it with BFR Load DR-BFR (`--method drbfr`).",
+                CLRFACE_FORMAT: " It is a CLR-Face checkpoint: load it with BFR Load CLR-Face (`--method clrface`)."
+                }.get(fmt, "")
         raise CheckpointError(path, f"bfr_format is {fmt!r}, expected {FLIPNET_FORMAT!r}.{hint}")
     base = meta.get("base_model")
     if base != expected_base_model:
