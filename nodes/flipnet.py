@@ -227,7 +227,7 @@ def joint_batch_wrapper(model) -> JointBatchWrapper | None:
 # ---------------------------------------------------------------------------------------------- Apply node
 
 
-def check_sd21_model(node: str, model) -> dict:
+def check_sd21_model(node: str, model, what: str = "FlipNet") -> dict:
     """The MODEL's unet_config, after checking it is an SD2.x UNet (context 1024, 4 latent channels)."""
     try:
         cfg = model.model.model_config.unet_config
@@ -236,11 +236,11 @@ def check_sd21_model(node: str, model) -> dict:
         raise NodeInputError(node, f"expected a MODEL from a checkpoint loader, got {type(model).__name__}.") from exc
     ctx = cfg.get("context_dim")
     if ctx != SD2_CONTEXT_DIM:
-        raise NodeInputError(node, f"FlipNet needs an SD2.1-base MODEL (text context width {SD2_CONTEXT_DIM}); this "
+        raise NodeInputError(node, f"{what} needs an SD2.1-base MODEL (text context width {SD2_CONTEXT_DIM}); this "
                                    f"MODEL ({type(model.model).__name__}) has context_dim={ctx} (SD1.x: 768, SDXL: "
                                    "2048). Load v2-1_512-ema-pruned (SD2.1-base) with the checkpoint loader.")
     if cfg.get("in_channels", 4) != 4 or not hasattr(diffusion, "input_blocks"):
-        raise NodeInputError(node, f"FlipNet needs a plain 4-channel SD2.1-base UNet, got in_channels="
+        raise NodeInputError(node, f"{what} needs a plain 4-channel SD2.1-base UNet, got in_channels="
                                    f"{cfg.get('in_channels')} ({type(diffusion).__name__}). Use the SD2.1-base "
                                    "checkpoint, not an inpainting or depth model.")
     return cfg
@@ -298,6 +298,21 @@ def comfy_attention(q, k, v, heads, extra_options):
                                          transformer_options=extra_options)
 
 
+def add_lora_patches(node: str, m, lora: dict[str, torch.Tensor], source: str) -> None:
+    """Patch the clone ``m`` with a kohya LoRA through ComfyUI's own loader (merged at load time); every layer of
+    the file must find its target."""
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(m.model, {})
+    patches = comfy.lora.load_lora(lora, key_map, log_missing=False)
+    applied = m.add_patches(patches, 1.0)
+    expected = sum(k.endswith(".lora_down.weight") for k in lora)
+    if len(applied) != expected:
+        raise NodeInputError(node, f"{source}: only {len(applied)} of {expected} LoRA layers fit this MODEL; the "
+                                   "checkpoint was trained on another UNet. Use the SD2.1-base checkpoint it was "
+                                   "trained with.")
+
+
 def _has_attn1_replace(model, key) -> bool:
     replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     return key in replace or key[:2] in replace
@@ -314,12 +329,12 @@ def parameter_problem(phi=None, t_y_policy=None, t_y=None) -> str | None:
     return None
 
 
-def prepare_image(node: str, image) -> torch.Tensor:
+def prepare_image(node: str, image, what: str = "FlipNet") -> torch.Tensor:
     """:func:`.helpers.to_rgb`, and sides that are not multiples of 8 (or below 16) rejected."""
     image = to_rgb(node, image)
     h, w = image.shape[1:3]
     if h % 8 or w % 8 or min(h, w) < 16:
-        raise NodeInputError(node, f"IMAGE is {w}x{h}; FlipNet needs sides that are multiples of 8 and >= 16 "
+        raise NodeInputError(node, f"IMAGE is {w}x{h}; {what} needs sides that are multiples of 8 and >= 16 "
                                    "(aligned 512x512 faces are what it was trained on). Crop or resize the image "
                                    "(e.g. with ImageScale or ImageCrop).")
     return image
@@ -436,7 +451,6 @@ class BFRApplyFlipNet:
 
     def apply(self, model, flipnet, vae, image, positive, negative, phi=1.0, t_y_policy="checkpoint", t_y=100,
               lq_cache=True, seed=0):
-        import comfy.lora
         import comfy.patcher_extension as pe
 
         node = APPLY_ID
@@ -467,14 +481,7 @@ class BFRApplyFlipNet:
 
         # patch a clone: LoRA through ComfyUI's loader, BoostHub patches, the joint-batch wrapper
         m = model.clone()
-        key_map = comfy.lora.model_lora_keys_unet(m.model, {})
-        patches = comfy.lora.load_lora(ckpt.lora, key_map, log_missing=False)
-        applied = m.add_patches(patches, 1.0)
-        expected = sum(k.endswith(".lora_down.weight") for k in ckpt.lora)
-        if len(applied) != expected:
-            raise NodeInputError(node, f"{flipnet.name}: only {len(applied)} of {expected} LoRA layers fit this "
-                                       "MODEL; the checkpoint was trained on another UNet. Use the SD2.1-base "
-                                       "checkpoint it was trained with.")
+        add_lora_patches(node, m, ckpt.lora, flipnet.name)
         dtype = unet_compute_dtype(model)  # the bank is kept in the UNet's compute dtype: the patch casts nothing
         wrapper = None
         if phi > 0 and not flipnet.boosthub_is_zero:
