@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from accelerate import PartialState
 
 from ..pipelines import dr2
+from ..pipelines.drbfr import DRBFRPipeline, DRBFRSampleConfig
 from ..pipelines.flipnet import FlipNetPipeline, FlipNetSampleConfig
 from ..pipelines.image_io import (IMAGE_EXTENSIONS, ImageFolderError, is_image_file, list_images, load_image,
                                   prepare_output_folder, save_png)
@@ -33,8 +34,8 @@ def _h(text: str, default):
 
 
 @dataclass
-class _FlipNetRunConfig:
-    """What every FlipNet command shares: where SD 2.1-base comes from (the same flags as DR2's) and sampling."""
+class _SDRunConfig:
+    """What every SD2.1 sampling command shares: where SD 2.1-base comes from (the same flags as DR2's) and size."""
 
     base_model: str | None = _h("SD2.1-base: diffusers folder or single-file .safetensors (default: "
                                 "$BFR_SD21_CHECKPOINT, then ComfyUI's models/checkpoints)", None)
@@ -43,15 +44,21 @@ class _FlipNetRunConfig:
     repo: str | None = _h("repo id for --download (default $BFR_SD21_REPO or a community mirror)", None)
     size: int = _h("working resolution in px (inputs are resized to it)", 512)
     num_inference_steps: int = _h("DDIM steps", 50)
-    guidance_scale: float = _h("classifier-free guidance scale (paper 1.5; no effect with a null prompt)", 1.5)
-    t_y_policy: str | None = _h("condition timestep policy: same | fixed (default: the checkpoint's)", None)
-    t_y: int | None = _h("condition timestep for the fixed policy (default: the checkpoint's)", None)
 
     def _check_sampling(self, command: str, batch_size: int) -> None:
         if self.size % 8 or self.size < 64:
             raise ValueError(f"{command}: --size must be a multiple of 8 and >= 64, got {self.size}.")
         if batch_size < 1:
             raise ValueError(f"{command}: --batch-size must be >= 1, got {batch_size}.")
+
+
+@dataclass
+class _FlipNetRunConfig(_SDRunConfig):
+    """FlipNet sampling: CFG and the condition timestep."""
+
+    guidance_scale: float = _h("classifier-free guidance scale (paper 1.5; no effect with a null prompt)", 1.5)
+    t_y_policy: str | None = _h("condition timestep policy: same | fixed (default: the checkpoint's)", None)
+    t_y: int | None = _h("condition timestep for the fixed policy (default: the checkpoint's)", None)
 
 
 @dataclass
@@ -96,24 +103,85 @@ def _flipnet_pipeline(cfg: RestoreConfig | SynthesizeConfig, device: torch.devic
 def restore_flipnet(cfg: RestoreConfig, pipeline: FlipNetPipeline | None = None) -> list[Path]:
     """``bfr restore --method flipnet``: every image of ``cfg.input`` (file or folder) -> ``cfg.out_dir/<stem>.png``."""
     cfg.validate()
-    src = Path(cfg.input)
-    files = [src] if src.is_file() else list_images(src, "restore input folder")
-    out_dir = prepare_output_folder(cfg.out_dir)
+    files, out_dir = _input_files(cfg)  # before the model loads: a bad folder fails in a second
     pipe = pipeline or _flipnet_pipeline(cfg, resolve_device(cfg.device))
     sample = FlipNetSampleConfig(mode="restore", num_inference_steps=cfg.num_inference_steps,
                                  guidance_scale=cfg.guidance_scale, prompt=cfg.prompt,
                                  negative_prompt=cfg.negative_prompt, phi=cfg.phi, t_y_policy=cfg.t_y_policy,
                                  t_y=cfg.t_y, seed=cfg.seed)
+    return _restore_files(cfg, files, out_dir, lambda batch, seed: pipe(batch, replace(sample, seed=seed)))
+
+
+def _input_files(cfg) -> tuple[list[Path], Path]:
+    src = Path(cfg.input)
+    files = [src] if src.is_file() else list_images(src, "restore input folder")
+    return files, prepare_output_folder(cfg.out_dir)
+
+
+def _restore_files(cfg, files: list[Path], out_dir: Path, run) -> list[Path]:
+    """``run(batch, seed)`` over ``cfg.batch_size`` images at a time (image i seeded ``cfg.seed + i``)."""
     written = []
     for start in range(0, len(files), cfg.batch_size):
         chunk = files[start:start + cfg.batch_size]
-        batch = torch.stack([load_image(p, cfg.size) for p in chunk])
-        restored = pipe(batch, sample)
+        restored = run(torch.stack([load_image(p, cfg.size) for p in chunk]), cfg.seed + start)
         for p, img in zip(chunk, restored):
             save_png(out_dir / f"{p.stem}.png", img)
             written.append(out_dir / f"{p.stem}.png")
         logger.info("restored %d/%d", min(start + cfg.batch_size, len(files)), len(files))
     return written
+
+
+@dataclass
+class DRBFRRestoreConfig(_SDRunConfig):
+    """``bfr restore --method drbfr INPUT OUT_DIR``: restore aligned face crops with a ``drbfr/1`` checkpoint."""
+
+    guidance_scale: float = _h("classifier-free guidance scale (1 = none: DR-BFR is trained mostly without text)", 1.0)
+    input: str = _h("an aligned LQ face image or a folder of them", "")
+    out_dir: str = _h("output folder (<stem>.png per input)", "")
+    checkpoint: str = _h("DR-BFR .safetensors (bfr_format drbfr/1, from `bfr train drbfr`)", "")
+    batch_size: int = _h("images per sampling batch", 1)
+    prompt: str = _h("text prompt", "")
+    negative_prompt: str = _h("negative prompt (used with --guidance-scale > 1)", "")
+    use_dr_prompt: bool = _h("append the degradation-representation tokens (off: the 'w/o DR' ablation)", True)
+    seed: int = _h("seed (image i uses seed + i)", 0)
+    device: str = _h("auto | cpu | cuda | cuda:N", "auto")
+
+    def validate(self) -> None:
+        for name in ("input", "out_dir", "checkpoint"):
+            if not getattr(self, name):
+                raise ValueError(f"restore --method drbfr: --{name.replace('_', '-')} is required.")
+        self._check_sampling("restore", self.batch_size)
+
+    def sample_config(self, seed: int) -> DRBFRSampleConfig:
+        return DRBFRSampleConfig(num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                                 prompt=self.prompt, negative_prompt=self.negative_prompt,
+                                 use_dr_prompt=self.use_dr_prompt, seed=seed)
+
+
+def drbfr_pipeline(cfg: DRBFRRestoreConfig) -> DRBFRPipeline:
+    device = resolve_device(cfg.device)
+    components = load_components(cfg.base_model, tokenizer=cfg.tokenizer, download=cfg.download, repo_id=cfg.repo,
+                                 device=device)
+    return DRBFRPipeline.from_checkpoint(cfg.base_model, cfg.checkpoint, device=device, components=components)
+
+
+def restore_drbfr(cfg: DRBFRRestoreConfig, pipeline: DRBFRPipeline | None = None) -> list[Path]:
+    """``bfr restore --method drbfr``: every image of ``cfg.input`` (file or folder) -> ``cfg.out_dir/<stem>.png``."""
+    cfg.validate()
+    files, out_dir = _input_files(cfg)  # before the model loads: a bad folder fails in a second
+    pipe = pipeline or drbfr_pipeline(cfg)
+    return _restore_files(cfg, files, out_dir, lambda batch, seed: pipe(batch, cfg.sample_config(seed)))
+
+
+def drbfr_crop_restorer(cfg: DRBFRRestoreConfig, pipeline: DRBFRPipeline | None = None):
+    """DR-BFR as a crop restorer, ``cfg.batch_size`` crops per sampling batch, crop i seeded ``cfg.seed + i``."""
+    pipe = pipeline or drbfr_pipeline(cfg)
+
+    def restore(crops: np.ndarray) -> np.ndarray:
+        return np.concatenate([pipe(x.float(), cfg.sample_config(cfg.seed + start)).permute(0, 2, 3, 1).cpu().numpy()
+                               for start, x in _chunks(crops, cfg.batch_size)])
+
+    return restore
 
 
 @dataclass

@@ -19,12 +19,14 @@ from ..pipelines import degradation, dr2, face, face_detect
 from ..pipelines.degrade_folder import degrade_folder
 from ..sd.loader import load_model
 from ..train import face_ae
+from ..train import drbfr as drbfr_trainer
 from ..train import flipnet as flipnet_trainer
 from .args import add_dataclass_arguments, dataclass_from_namespace
 from .client import run_workflow
 from .demo import run_demo
-from .folders import (RestoreConfig, SynthesizeConfig, dr2_crop_restorer, flipnet_crop_restorer, model_identity,
-                      resolve_device, restore_dr2, restore_flipnet, synthesize_degraded)
+from .folders import (DRBFRRestoreConfig, RestoreConfig, SynthesizeConfig, dr2_crop_restorer, drbfr_crop_restorer,
+                      flipnet_crop_restorer, model_identity, resolve_device, restore_dr2, restore_drbfr,
+                      restore_flipnet, synthesize_degraded)
 from .photos import FACES_CHOICES, PhotoOptions, restore_photo_folder
 
 logger = logging.getLogger("bfr")
@@ -177,9 +179,12 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     if given:
         raise ValueError(f"--{given[0].replace('_', '-')} is a whole-photo option; add --faces {FACES_CHOICES} "
                          "(without --faces the inputs are aligned face crops)")
-    if args.method == "flipnet":
+    if args.method in ("flipnet", "drbfr"):
         args.input, args.out_dir = args.image, out
-        written = restore_flipnet(dataclass_from_namespace(RestoreConfig, args))
+        if args.method == "flipnet":
+            written = restore_flipnet(dataclass_from_namespace(RestoreConfig, args))
+        else:
+            written = restore_drbfr(dataclass_from_namespace(DRBFRRestoreConfig, args))
         logger.info("restored %d image(s) into %s", len(written), out)
         return 0
     cfg = dr2.DR2Config(n=args.n, tau=args.tau, omega=args.omega, steps=args.steps, space=args.space,
@@ -207,6 +212,18 @@ def _cmd_restore_photos(args: argparse.Namespace, out: str) -> int:
 
         def make():
             return flipnet_crop_restorer(cfg)
+    elif args.method == "drbfr":
+        args.input, args.out_dir = args.image, out
+        cfg = dataclass_from_namespace(DRBFRRestoreConfig, args)
+        cfg.validate()
+        crop_size = cfg.size
+        identity = {"method": "drbfr", "model": model_identity(cfg.base_model, cfg.download, cfg.repo),
+                    "checkpoint": str(os.path.abspath(cfg.checkpoint)), "prompt": cfg.prompt,
+                    "negative_prompt": cfg.negative_prompt, "num_inference_steps": cfg.num_inference_steps,
+                    "guidance_scale": cfg.guidance_scale, "use_dr_prompt": cfg.use_dr_prompt, "seed": cfg.seed}
+
+        def make():
+            return drbfr_crop_restorer(cfg)
     else:
         cfg = dr2.DR2Config(n=args.n, tau=args.tau, omega=args.omega, steps=args.steps, space=args.space,
                             seed=args.seed)
@@ -279,22 +296,25 @@ def _add_photo_args(p) -> None:
 
 def _add_restore(sub, argv: list[str]) -> None:
     method = _option_value(argv, "--method", "dr2") if _positionals(argv)[:1] == ["restore"] else "dr2"
-    p = sub.add_parser("restore", help="restore aligned faces, or whole photos with --faces: --method dr2 | flipnet",
-                       usage="bfr restore INPUT OUT [--method dr2|flipnet] [--faces WHICH] [options]",
+    p = sub.add_parser("restore", help="restore aligned faces, or whole photos with --faces: --method dr2 | flipnet | drbfr",
+                       usage="bfr restore INPUT OUT [--method dr2|flipnet|drbfr] [--faces WHICH] [options]",
                        description="Restore faces: aligned face crops (a file or folder), or with --faces the faces "
                                    "of whole photos. The options depend on --method; see `bfr restore --method "
-                                   "flipnet --help` for FlipNet's.")
+                                   "flipnet --help` for FlipNet's, `--method drbfr --help` for DR-BFR's.")
     p.add_argument("image", metavar="INPUT", help="image file or folder: aligned face crops, or whole photos with "
                                                   "--faces")
     p.add_argument("out_dir", metavar="OUT", nargs="?", default=None,
                    help="output file (one aligned face, dr2) or folder (the same as --out)")
     p.add_argument("--out", default=None, help="output (the same as OUT)")
-    p.add_argument("--method", choices=["dr2", "flipnet"], default="dr2", help="restoration method")
+    p.add_argument("--method", choices=["dr2", "flipnet", "drbfr"], default="dr2", help="restoration method")
     p.set_defaults(func=_cmd_restore)
     _add_photo_args(p)
     if method == "flipnet":
         # --checkpoint (the FlipNet .safetensors), --base-model (SD 2.1), --phi, ..., --device, --batch-size
         add_dataclass_arguments(p, RestoreConfig, skip=("input", "out_dir"))
+        return
+    if method == "drbfr":
+        add_dataclass_arguments(p, DRBFRRestoreConfig, skip=("input", "out_dir"))
         return
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE first (e.g. 512); with --faces: "
@@ -311,13 +331,14 @@ class _NotForDR2(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} is a FlipNet checkpoint (a file this pack trained); DR2 is training-free. "
-                     f"Pass SD 2.1-base with --base-model {values}, or use --method flipnet --checkpoint FILE.")
+                     f"Pass SD 2.1-base with --base-model {values}, or use --method flipnet|drbfr --checkpoint FILE.")
 
 
 # ------------------------------------------------------------------------------------------- train, synthesize
 TRAINERS = {
     "face-ae": (face_ae.FaceAETrainConfig, face_ae.train_face_ae),
     "flipnet": (flipnet_trainer.FlipNetTrainConfig, flipnet_trainer.train_flipnet),
+    "drbfr": (drbfr_trainer.DRBFRTrainConfig, drbfr_trainer.train_drbfr),
 }
 
 
@@ -327,7 +348,8 @@ def _add_train(sub, argv: list[str]) -> None:
     positionals = _positionals(argv)
     which = positionals[1] if positionals[:1] == ["train"] and len(positionals) > 1 else None
     helps = {"face-ae": "HQ/LQ face autoencoders: --stage recon, then --stage assoc",
-             "flipnet": "FlipNet LoRA + BoostHub (+ face tokens): --mode restore | degrade"}
+             "flipnet": "FlipNet LoRA + BoostHub (+ face tokens): --mode restore | degrade",
+             "drbfr": "DR-BFR: LoRA + LQ latent concatenated + the DR encoder's tokens as a timestep-modulated prompt"}
     parsers = {name: tsub.add_parser(name, help=helps[name], description=TRAINERS[name][0].FIRST_RUN or None,
                                      usage=f"bfr train {name} [--FLAG VALUE ...]  (flags by topic below)",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

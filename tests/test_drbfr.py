@@ -225,6 +225,26 @@ def test_training_run_exports_a_loadable_file_and_resumes(faces, tmp_path):
     assert (off - a).abs().max() > 1e-4
 
 
+def test_cli_restores_a_folder_and_parses_its_flags(faces, tmp_path):
+    from comfyui_bfr.cli.folders import DRBFRRestoreConfig, restore_drbfr
+    from comfyui_bfr.cli.main import build_parser
+
+    argv = ["restore", "in", "out", "--method", "drbfr", "--checkpoint", "d.safetensors", "--no-use-dr-prompt",
+            "--num-inference-steps", "3"]
+    ns = build_parser(argv).parse_args(argv)
+    assert ns.method == "drbfr" and ns.use_dr_prompt is False and ns.num_inference_steps == 3
+    unet = _drbfr_unet()
+    comps = micro_components(0)
+    enc, prompt = _dr_modules()
+    pipe = DRBFRPipeline(unet, comps["vae"], comps["text_encoder"], comps["tokenizer"], comps["scheduler"], enc, prompt)
+    cfg = DRBFRRestoreConfig(input=str(faces), out_dir=str(tmp_path / "out"), checkpoint="unused", size=64,
+                             num_inference_steps=2, batch_size=3)
+    written = restore_drbfr(cfg, pipeline=pipe)
+    assert sorted(p.name for p in written) == sorted(p.name for p in faces.glob("*.png")) and len(written) == 4
+    with pytest.raises(ValueError, match="--checkpoint is required"):
+        restore_drbfr(DRBFRRestoreConfig(input=str(faces), out_dir=str(tmp_path / "o2")))
+
+
 def test_config_errors_name_the_flag(tmp_path):
     with pytest.raises(ValueError, match="--dr-encoder.*bfr train dr-encoder"):
         DRBFRTrainConfig(hq_dir=str(tmp_path), output_dir=str(tmp_path))
