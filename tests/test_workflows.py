@@ -172,7 +172,40 @@ def test_workflow_ids_follow_the_naming_rule_and_are_unique():
 
 
 # ------------------------------------------------------------------------------------------- whole-photo workflows
-PHOTO_WORKFLOWS = {"restore_photo_dr2": "BFRDR2Restore", "restore_photo_flipnet": "BFRApplyFlipNet"}
+PHOTO_WORKFLOWS = {"restore_photo_dr2": "BFRDR2Restore", "restore_photo_flipnet": "BFRApplyFlipNet",
+                   "restore_photo_drbfr": "BFRApplyDRBFR"}
+DRBFR_WORKFLOWS = ("restore_drbfr", "restore_photo_drbfr")
+
+
+def test_every_drbfr_workflow_is_checked_here():
+    shipped = {p.stem for p in UI_FILES if any(n["type"] == "BFRApplyDRBFR" for n in json.loads(p.read_text())["nodes"])}
+    assert shipped == set(DRBFR_WORKFLOWS), shipped
+
+
+@pytest.mark.parametrize("stem", DRBFR_WORKFLOWS)
+def test_drbfr_workflow_samples_the_patched_model_with_its_prompts(stem):
+    """The sampler (KSampler, or SamplerCustomAdvanced through CFGGuider + BasicScheduler) takes Apply DR-BFR's MODEL,
+    BOTH prompts it returns (they carry the LQ latent) and its latent, at denoise 1; the DR prompt is on; the VAE that
+    encodes the LQ image is the checkpoint's."""
+    prompt = _api(stem)
+    apply_id, apply = _one(prompt, "BFRApplyDRBFR")
+    ckpt_id, _ = _one(prompt, "CheckpointLoaderSimple")
+    load_id, load = _one(prompt, "BFRLoadDRBFR")
+    assert apply["inputs"]["model"] == [ckpt_id, 0] and apply["inputs"]["vae"] == [ckpt_id, 2]
+    assert apply["inputs"]["drbfr"] == [load_id, 0] and load["inputs"]["drbfr_name"] == "drbfr.safetensors"
+    assert apply["inputs"]["use_dr_prompt"] is True
+    users = [n for n in prompt.values() if n["class_type"] in ("KSampler", "CFGGuider")]
+    assert len(users) == 1
+    user = users[0]
+    assert user["inputs"]["model"] == [apply_id, 0]
+    assert user["inputs"]["positive"] == [apply_id, 1] and user["inputs"]["negative"] == [apply_id, 2]
+    if user["class_type"] == "KSampler":
+        assert user["inputs"]["latent_image"] == [apply_id, 3] and user["inputs"]["denoise"] == 1.0
+    else:
+        _, sched = _one(prompt, "BasicScheduler")
+        _, adv = _one(prompt, "SamplerCustomAdvanced")
+        assert sched["inputs"]["model"] == [apply_id, 0] and sched["inputs"]["denoise"] == 1.0
+        assert adv["inputs"]["latent_image"] == [apply_id, 3]
 
 
 def test_every_face_pipeline_workflow_is_checked_here():

@@ -196,6 +196,9 @@ def comfy_server(tmp_path_factory, tiny_checkpoint, tiny_flipnet_checkpoints):
     yaml_path = base / "extra_model_paths.yaml"
     yaml_path.write_text(f"bfr_tests:\n    base_path: {base / EXTRA_MODELS}\n    bfr: bfr/\n")
     bfr_models = {server.FLIPNET_NAMES[mode]: path for mode, path in tiny_flipnet_checkpoints.items()}
+    from fixtures.drbfr import SERVER_NAME, write_tiny_drbfr_checkpoint
+
+    bfr_models[SERVER_NAME] = write_tiny_drbfr_checkpoint(base / "tiny_drbfr.safetensors")
     with server.comfy_server_session(base, checkpoint=tiny_checkpoint, bfr_models=bfr_models,
                                      extra_args=["--extra-model-paths-config", str(yaml_path)]) as srv:
         srv.extra_model_dirs["bfr"] = base / EXTRA_MODELS / "bfr"

@@ -15,48 +15,27 @@ import math
 import pytest
 import torch
 
-from comfyui_bfr.lora import cond_checkpoint as cc
-from comfyui_bfr.lora.dr_module import DegradationEncoder, DRConfig
-from comfyui_bfr.lora.ldrm import DRPrompt, DRPromptConfig, concat_unet_eps
+from comfyui_bfr.lora.ldrm import concat_unet_eps
 from comfyui_bfr.nodes import drbfr as dn
 from comfyui_bfr.nodes import flipnet as fn
 from comfyui_bfr.nodes.helpers import NodeInputError
 from comfyui_bfr.pipelines.drbfr import DRBFRPipeline
-from comfyui_bfr.train.drbfr import prepare_conditional_unet
 from fixtures import tiny_sd
+from fixtures.drbfr import write_tiny_drbfr_checkpoint
 
 from test_flipnet_nodes import _conds, _fingerprint, _images, _sample, _sigma, _write_flipnet, comfy_denoised
 
 pytestmark = pytest.mark.comfy
 
 SIZE = 32
-SMALL_DR = DRConfig(encoder_blocks=((8,), (16,)), num_tokens=4, token_dim=16, proj_hidden=16, proj_dim=8,
-                    gen_channels=(8, 16), mod_hidden=8)
 EPS_TOL = 3e-5
-
-
-def _write_drbfr(path, zero=False):
-    unet = tiny_sd.build_tiny_unet(0)
-    prepare_conditional_unet(unet, rank=4, alpha=4.0, what="DR-BFR")
-    g = torch.Generator().manual_seed(11)
-    torch.manual_seed(5)
-    enc = DegradationEncoder(SMALL_DR)
-    prompt = DRPrompt(DRPromptConfig(token_dim=16, num_tokens=4, hidden=32))
-    with torch.no_grad():
-        if not zero:
-            for n, p in unet.named_parameters():
-                if p.requires_grad:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        for p in prompt.time_mlp.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return cc.save_conditional_checkpoint(path, unet, fmt=cc.DRBFR_FORMAT,
-                                          modules={"dr_encoder": enc, "dr_prompt": prompt})
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("drbfr")
-    return {"drbfr": _write_drbfr(d / "drbfr.safetensors"), "zero": _write_drbfr(d / "drbfr_zero.safetensors", True),
+    return {"drbfr": write_tiny_drbfr_checkpoint(d / "drbfr.safetensors"),
+            "zero": write_tiny_drbfr_checkpoint(d / "drbfr_zero.safetensors", zero=True),
             "flipnet": _write_flipnet(d / "flipnet_restore.safetensors")}
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from comfyui_bfr import NODE_CLASS_MAPPINGS
 from comfyui_bfr.cli.client import ComfyClient, apply_overrides, load_api_prompt, set_load_images
+from fixtures.drbfr import SERVER_NAME as DRBFR_SERVER_NAME
 
 pytestmark = pytest.mark.comfy
 
@@ -82,6 +83,9 @@ def _prepare(prompt: dict, image_name: str, server, object_info: dict) -> dict:
             shipped = node["inputs"]["flipnet_name"]
             assert shipped in flipnet_files, f"node {nid}: ships {shipped!r}, not one of {sorted(flipnet_files)}"
             sets.append(f"{nid}.flipnet_name={flipnet_files[shipped]}")
+        if node.get("class_type") == "BFRLoadDRBFR":
+            assert node["inputs"]["drbfr_name"] == "drbfr.safetensors", f"node {nid}: ships another file name"
+            sets.append(f"{nid}.drbfr_name={DRBFR_SERVER_NAME}")
         assert node.get("class_type") in object_info, f"node {nid}: unknown class_type {node.get('class_type')}"
     set_load_images(prompt, image_name)
     return apply_overrides(prompt, sets)
