@@ -27,11 +27,13 @@ from .demo import run_demo
 from .folders import (DRBFRRestoreConfig, RestoreConfig, SynthesizeConfig, dr2_crop_restorer, drbfr_crop_restorer,
                       flipnet_crop_restorer, model_identity, resolve_device, restore_dr2, restore_drbfr,
                       restore_flipnet, synthesize_degraded)
+from .evaluate import add_eval, add_make_testset, add_sweep
 from .photos import FACES_CHOICES, PhotoOptions, restore_photo_folder
 
 logger = logging.getLogger("bfr")
 
-COMMANDS = ("demo", "degrade", "restore", "train", "synthesize", "export-lora", "run-workflow")
+COMMANDS = ("demo", "degrade", "restore", "train", "synthesize", "export-lora", "run-workflow", "make-testset", "eval",
+            "sweep")
 
 
 # --------------------------------------------------------------------------------------------------------- demo
@@ -452,6 +454,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_synthesize(sub, argv)
     _add_export_lora(sub)
     _add_run_workflow(sub)
+    add_make_testset(sub)
+    add_eval(sub, argv)
+    add_sweep(sub, argv)
     return parser
 
 
