@@ -67,3 +67,16 @@ def dataclass_from_namespace(cls, ns: argparse.Namespace, **overrides):
         if f.name in kwargs and isinstance(f.default, tuple) and isinstance(kwargs[f.name], list):
             kwargs[f.name] = tuple(kwargs[f.name])
     return cls(**kwargs)
+
+
+def _omega(value: str):
+    return int(value) if value.isdigit() else value
+
+
+def add_dr2_options(g) -> None:
+    """DR2's sampling options (the same in ``bfr restore``, ``bfr demo`` and ``bfr eval``)."""
+    g.add_argument("--n", type=float, default=2.0, help="low-pass factor N (latent px for --space latent)")
+    g.add_argument("--tau", type=int, default=35, help="output level tau (of --steps levels)")
+    g.add_argument("--omega", type=_omega, default="auto", help="start level: auto | official | an integer")
+    g.add_argument("--steps", type=int, default=100, help="T of the respaced schedule (default 100)")
+    g.add_argument("--space", choices=["latent", "pixel"], default="latent", help="where Phi_N is applied")

@@ -31,7 +31,7 @@ from ..pipelines import dr2, evaluate, face_detect
 from ..pipelines.image_io import read_rgb, resize_uint8, save_png
 from ..pipelines.testset import TestSet, make_testset, read_testset
 from ..sd.loader import load_model
-from .args import add_dataclass_arguments, dataclass_from_namespace
+from .args import add_dataclass_arguments, add_dr2_options, dataclass_from_namespace
 from .client import ComfyClient, ComfyError, apply_overrides, load_api_prompt, set_load_images
 from .folders import (DRBFRRestoreConfig, RestoreConfig, dr2_crop_restorer, drbfr_crop_restorer, flipnet_crop_restorer,
                       model_identity, resolve_device)
@@ -54,17 +54,9 @@ class MethodSpec:
     describe: Callable[[argparse.Namespace], dict]
 
 
-def _omega(value: str):
-    return int(value) if value.isdigit() else value
-
-
 def _dr2_args(p) -> None:
     g = p.add_argument_group("DR2 (--method dr2)")
-    g.add_argument("--n", type=float, default=2.0, help="low-pass factor N (latent px for --space latent)")
-    g.add_argument("--tau", type=int, default=35, help="output level tau (of --steps levels)")
-    g.add_argument("--omega", type=_omega, default="auto", help="start level: auto | official | an integer")
-    g.add_argument("--steps", type=int, default=100, help="T of the respaced schedule")
-    g.add_argument("--space", choices=["latent", "pixel"], default="latent", help="where Phi_N is applied")
+    add_dr2_options(g)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=1, help="crops per model call")
     g.add_argument("--base-model", help="SD 2.1-base .safetensors or diffusers folder (else $BFR_SD21_CHECKPOINT, "

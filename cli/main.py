@@ -21,7 +21,8 @@ from ..sd.loader import load_model
 from ..train import face_ae
 from ..train import drbfr as drbfr_trainer
 from ..train import flipnet as flipnet_trainer
-from .args import add_dataclass_arguments, dataclass_from_namespace
+from ..train import id_mask as id_mask_trainer
+from .args import add_dataclass_arguments, add_dr2_options, dataclass_from_namespace
 from .client import run_workflow
 from .demo import run_demo
 from .folders import (DRBFRRestoreConfig, RestoreConfig, SynthesizeConfig, dr2_crop_restorer, drbfr_crop_restorer,
@@ -145,17 +146,8 @@ def _add_model_args(p) -> None:
     p.add_argument("--repo", help="repo id for --download (default $BFR_SD21_REPO or a community mirror)")
 
 
-def _omega(value: str):
-    return int(value) if value.isdigit() else value
-
-
 def _add_dr2_args(p) -> None:
-    g = p.add_argument_group("DR2")
-    g.add_argument("--n", type=float, default=2.0, help="low-pass factor N (latent px for --space latent)")
-    g.add_argument("--tau", type=int, default=35, help="output level tau (of --steps levels)")
-    g.add_argument("--omega", type=_omega, default="auto", help="start level: auto | official | an integer")
-    g.add_argument("--steps", type=int, default=100, help="T of the respaced schedule (default 100)")
-    g.add_argument("--space", choices=["latent", "pixel"], default="latent", help="where Phi_N is applied")
+    add_dr2_options(p.add_argument_group("DR2"))
 
 
 def _restore_out(args: argparse.Namespace) -> str:
@@ -341,6 +333,7 @@ TRAINERS = {
     "face-ae": (face_ae.FaceAETrainConfig, face_ae.train_face_ae),
     "flipnet": (flipnet_trainer.FlipNetTrainConfig, flipnet_trainer.train_flipnet),
     "drbfr": (drbfr_trainer.DRBFRTrainConfig, drbfr_trainer.train_drbfr),
+    "id-mask": (id_mask_trainer.IdMaskTrainConfig, id_mask_trainer.train_id_mask),
 }
 
 
@@ -351,7 +344,8 @@ def _add_train(sub, argv: list[str]) -> None:
     which = positionals[1] if positionals[:1] == ["train"] and len(positionals) > 1 else None
     helps = {"face-ae": "HQ/LQ face autoencoders: --stage recon, then --stage assoc",
              "flipnet": "FlipNet LoRA + BoostHub (+ face tokens): --mode restore | degrade",
-             "drbfr": "DR-BFR: LoRA + LQ latent concatenated + the DR encoder's tokens as a timestep-modulated prompt"}
+             "drbfr": "DR-BFR: LoRA + LQ latent concatenated + the DR encoder's tokens as a timestep-modulated prompt",
+             "id-mask": "CLR-Face identity mask f_M (perceptual + identity + sparsity) on a frozen SD2.1"}
     parsers = {name: tsub.add_parser(name, help=helps[name], description=TRAINERS[name][0].FIRST_RUN or None,
                                      usage=f"bfr train {name} [--FLAG VALUE ...]  (flags by topic below)",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -36,6 +36,8 @@ from ..lora.checkpoint import EXPORT_DTYPES, config_hash, give_umask_permissions
 from ..lora.lora_targets import require_same_keys
 from ..lora.losses import VGGPerceptualLoss, vgg19_weights_help
 from ..pipelines.image_io import image_grid, save_png
+from ..sd.diffusion import PREDICTION_TYPES
+from ..sd.loader import load_components
 from .data import DegradationBatchConfig, FaceFolderDataset, fill_lq_on_the_fly
 
 try:  # a dependency of huggingface_hub / diffusers; the bar is optional
@@ -210,6 +212,19 @@ class TrainConfig:
 
     def identity_hash(self) -> str:
         return config_hash(self.identity())
+
+
+def base_components(cfg: TrainConfig, components: dict | None) -> tuple[dict, str]:
+    """SD2.1-base's parts (``cfg.base_model`` loaded on the CPU unless ``components`` are given: tests) and the
+    scheduler's prediction type, checked."""
+    if components is None:
+        if not getattr(cfg, "base_model", None):
+            raise ValueError(f"{cfg.COMMAND}: --base-model is required (a local SD2.1-base diffusers folder or file).")
+        components = load_components(cfg.base_model, tokenizer=getattr(cfg, "tokenizer", None), device="cpu")
+    prediction_type = components["scheduler"].config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"Base scheduler prediction_type {prediction_type!r} is not supported ({PREDICTION_TYPES}).")
+    return components, prediction_type
 
 
 def face_folder_dataset(cfg: TrainConfig, **kw) -> FaceFolderDataset:

@@ -28,11 +28,10 @@ from ..lora.ldrm import DRPrompt, DRPromptConfig, concat_unet_eps, install_conca
 from ..lora.lora_targets import add_flipnet_lora
 from ..lora.losses import ldm_loss
 from ..pipelines.drbfr import DRBFRPipeline, DRBFRSampleConfig
-from ..sd.diffusion import PREDICTION_TYPES, diffusion_target, q_sample
-from ..sd.loader import load_components
+from ..sd.diffusion import diffusion_target, q_sample
 from ..sd.vae import encode as vae_encode
-from .core import Stage, StepContext, StepResult, TrainConfig, TrainingRun, adamw, face_folder_dataset, flag
-from .core import save_image_grid, warmup_schedule
+from .core import Stage, StepContext, StepResult, TrainConfig, TrainingRun, adamw, base_components, face_folder_dataset
+from .core import flag, save_image_grid, warmup_schedule
 from .flipnet import FrozenParts, encode_text
 
 logger = logging.getLogger(__name__)
@@ -163,17 +162,13 @@ def load_dr_encoder(cfg: DRBFRTrainConfig) -> tuple[DegradationEncoder, DRConfig
 def train_drbfr(cfg: DRBFRTrainConfig, components: dict | None = None) -> Path:
     """Train the LDRM; returns the exported ``drbfr.safetensors`` (``drbfr/1``). ``components`` replaces loading
     ``cfg.base_model`` (tests)."""
-    if components is None and not cfg.base_model:
-        raise ValueError("train drbfr: --base-model is required (a local SD2.1-base diffusers folder or file).")
+    if components is None and not cfg.base_model:  # before the run is set up: a missing flag fails in a second
+        base_components(cfg, None)
     run = TrainingRun(cfg)
     dataset = face_folder_dataset(cfg, captions=cfg.captions)
     device, weight_dtype = run.device, run.weight_dtype
-    if components is None:
-        components = load_components(cfg.base_model, tokenizer=cfg.tokenizer, device="cpu")
+    components, prediction_type = base_components(cfg, components)
     unet, vae, scheduler = components["unet"], components["vae"], components["scheduler"]
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"Base scheduler prediction_type {prediction_type!r} is not supported ({PREDICTION_TYPES}).")
     prepare_conditional_unet(unet, cfg.lora_rank, cfg.lora_alpha, "DR-BFR")
     encoder, dr_cfg = load_dr_encoder(cfg)
     prompt = DRPrompt(DRPromptConfig(token_dim=dr_cfg.token_dim, num_tokens=dr_cfg.num_tokens,

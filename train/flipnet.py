@@ -40,11 +40,12 @@ from ..lora.face_embedder import AdapterConfig, FaceAdapter, LQFaceEncoder, appe
 from ..lora.lora_targets import add_flipnet_lora
 from ..lora.losses import VGGPerceptualLoss, image_mse, ldm_loss, restoration_loss
 from ..pipelines.flipnet import FlipNetPipeline, FlipNetSampleConfig, joint_batch, mode_streams
-from ..sd.diffusion import PREDICTION_TYPES, diffusion_target, predict_x0, q_sample
-from ..sd.loader import encode_prompts, load_components
+from ..sd.diffusion import diffusion_target, predict_x0, q_sample
+from ..sd.loader import encode_prompts
 from ..sd.vae import decode as vae_decode
 from ..sd.vae import encode as vae_encode
-from .core import Stage, StepContext, StepResult, TrainConfig, TrainingRun, adamw, flag, warmup_schedule
+from .core import Stage, StepContext, StepResult, TrainConfig, TrainingRun, adamw, base_components, flag
+from .core import warmup_schedule
 from .core import face_folder_dataset, perceptual_loss, save_image_grid
 from .data import PairedFolderDataset, parse_paired_spec
 
@@ -317,17 +318,13 @@ def train_flipnet(cfg: FlipNetTrainConfig, components: dict | None = None) -> Pa
 
     ``components`` (unet, vae, text_encoder, tokenizer, scheduler) replaces loading ``cfg.base_model`` (tests).
     """
-    if components is None and not cfg.base_model:
-        raise ValueError("train flipnet: --base-model is required (a local SD2.1-base diffusers folder or file).")
+    if components is None and not cfg.base_model:  # before the run is set up: a missing flag fails in a second
+        base_components(cfg, None)
     run = TrainingRun(cfg)
     dataset = build_dataset(cfg)
     device, weight_dtype = run.device, run.weight_dtype
-    if components is None:
-        components = load_components(cfg.base_model, tokenizer=cfg.tokenizer, device="cpu")
+    components, prediction_type = base_components(cfg, components)
     unet, vae, scheduler = components["unet"], components["vae"], components["scheduler"]
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"Base scheduler prediction_type {prediction_type!r} is not supported ({PREDICTION_TYPES}).")
     state = prepare_flipnet_unet(unet, cfg.lora_rank, cfg.lora_alpha, cfg.phi)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
