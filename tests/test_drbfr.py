@@ -266,3 +266,39 @@ def test_pipeline_refuses_bad_images():
     with pytest.raises(ValueError, match="NaN"):
         pipe(torch.full((1, 3, 64, 64), float("nan")))
     copy.deepcopy(pipe.dr_prompt)  # plain modules: picklable / copyable for the node's cast copies
+
+
+def test_dr_encoder_file_round_trip_and_use_in_training(faces, tmp_path):
+    from comfyui_bfr.lora.dr_checkpoint import read_dr_checkpoint, save_dr_checkpoint
+    from comfyui_bfr.lora.dr_module import DRModule
+
+    torch.manual_seed(2)
+    module = DRModule(SMALL_DR).eval()
+    path = save_dr_checkpoint(tmp_path / "dr_encoder.safetensors", module, patch_size=32)
+    back, meta = read_dr_checkpoint(path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x), module(x)) and meta["patch_size"] == "32"
+    # a DR-BFR file, a FlipNet file and a wrong-shaped tensor are refused with what they are
+    flip = write_flipnet_checkpoint(tmp_path / "flip.safetensors", "degrade")
+    with pytest.raises(ck.CheckpointError, match="expected 'drbfr-dr/1'.*FlipNet checkpoint"):
+        read_dr_checkpoint(flip)
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors["dr.encoder.to_tokens.weight"] = torch.zeros(5, 16, 1, 1)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ck.CheckpointError, match="dr.encoder.to_tokens.weight is 5x16x1x1.*bfr train dr-encoder"):
+        read_dr_checkpoint(tmp_path / "bad.safetensors")
+    # bfr train drbfr embeds exactly that E_DR
+    out = tmp_path / "run"
+    final = train_drbfr(DRBFRTrainConfig(hq_dir=str(faces), output_dir=str(out), resolution=64, train_batch_size=2,
+                                         max_train_steps=1, lora_rank=4, checkpointing_steps=1, validation_steps=0,
+                                         dataloader_num_workers=0, dr_encoder=str(path)),
+                        components=micro_components(0))
+    ckpt = cc.read_conditional_checkpoint(final)
+    assert ckpt.configs["dr_encoder"] == SMALL_DR
+    with torch.no_grad():
+        assert torch.equal(ckpt.build("dr_encoder")(x), module.encoder(x))

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..lora.checkpoint import check_sd21_unet
 from ..lora.cond_checkpoint import DRBFR_FORMAT, save_conditional_checkpoint
+from ..lora.dr_checkpoint import read_dr_checkpoint
 from ..lora.dr_module import DegradationEncoder, DRConfig
 from ..lora.face_embedder import drop_mask
 from ..lora.ldrm import DRPrompt, DRPromptConfig, concat_unet_eps, install_concat_conv_in
@@ -147,8 +148,6 @@ def conditional_ldm_loss(module: nn.Module, frozen: FrozenParts, hq: torch.Tenso
 def load_dr_encoder(cfg: DRBFRTrainConfig) -> tuple[DegradationEncoder, DRConfig]:
     """E_DR of ``--dr-encoder`` (or a random one with ``--allow-random-dr-encoder``), frozen."""
     if cfg.dr_encoder:
-        from ..lora.dr_checkpoint import read_dr_checkpoint
-
         module, _ = read_dr_checkpoint(cfg.dr_encoder)
         encoder, dr_cfg = module.encoder, module.cfg
     else:
