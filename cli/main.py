@@ -19,6 +19,7 @@ from ..pipelines import degradation, dr2, face, face_detect
 from ..pipelines.degrade_folder import degrade_folder
 from ..sd.loader import load_model
 from ..train import face_ae
+from ..train import dr_encoder as dr_encoder_trainer
 from ..train import drbfr as drbfr_trainer
 from ..train import flipnet as flipnet_trainer
 from ..train import id_mask as id_mask_trainer
@@ -332,6 +333,7 @@ class _NotForDR2(argparse.Action):
 TRAINERS = {
     "face-ae": (face_ae.FaceAETrainConfig, face_ae.train_face_ae),
     "flipnet": (flipnet_trainer.FlipNetTrainConfig, flipnet_trainer.train_flipnet),
+    "dr-encoder": (dr_encoder_trainer.DREncoderTrainConfig, dr_encoder_trainer.train_dr_encoder),
     "drbfr": (drbfr_trainer.DRBFRTrainConfig, drbfr_trainer.train_drbfr),
     "id-mask": (id_mask_trainer.IdMaskTrainConfig, id_mask_trainer.train_id_mask),
 }
@@ -344,6 +346,7 @@ def _add_train(sub, argv: list[str]) -> None:
     which = positionals[1] if positionals[:1] == ["train"] and len(positionals) > 1 else None
     helps = {"face-ae": "HQ/LQ face autoencoders: --stage recon, then --stage assoc",
              "flipnet": "FlipNet LoRA + BoostHub (+ face tokens): --mode restore | degrade",
+             "dr-encoder": "DR-BFR's degradation representation E_DR (+ G_LQ, InfoNCE, energy distance; Eq. 7)",
              "drbfr": "DR-BFR: LoRA + LQ latent concatenated + the DR encoder's tokens as a timestep-modulated prompt",
              "id-mask": "CLR-Face identity mask f_M (perceptual + identity + sparsity) on a frozen SD2.1"}
     parsers = {name: tsub.add_parser(name, help=helps[name], description=TRAINERS[name][0].FIRST_RUN or None,

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 BFR_FOLDER = "bfr"
 FACE_FOLDER = "facedetection"  # the folder facerestore_cf / ReActor / CodeFormer users keep detectors + parsers in
+IDENTITY_FOLDER = "bfr_identity"  # models/bfr/identity: ArcFace-style iresnet backbones (BFR Load Identity Model)
 
 _warned: set[str] = set()
 
@@ -124,6 +125,7 @@ def register_model_folder() -> None:
         fp.add_model_folder_path(BFR_FOLDER, os.path.join(fp.models_dir, BFR_FOLDER))
         # models/facedetection: added as a path, so another pack's registration of the same folder is extended
         fp.add_model_folder_path(FACE_FOLDER, os.path.join(fp.models_dir, FACE_FOLDER))
+        fp.add_model_folder_path(IDENTITY_FOLDER, os.path.join(fp.models_dir, BFR_FOLDER, "identity"))
 
 
 def folder_dirs(folder: str) -> list[str]:
@@ -145,6 +147,6 @@ def model_files(folder: str = BFR_FOLDER) -> list[str]:
     fp = comfy_module("folder_paths")
     if fp is None:
         return []
-    if folder in (BFR_FOLDER, FACE_FOLDER):
+    if folder in (BFR_FOLDER, FACE_FOLDER, IDENTITY_FOLDER):
         register_model_folder()
     return fp.filter_files_extensions(fp.get_filename_list(folder), fp.supported_pt_extensions)

@@ -17,7 +17,7 @@ PACK_DIRS = ("nodes", "pipelines", "lora", "sd", "train", "cli")  # every subpac
 NO_COMFY_DIRS = tuple(d for d in PACK_DIRS if d != "nodes")  # only nodes/ touches ComfyUI
 COMFY_MODULES = ("comfy", "comfy_extras", "comfy_api", "comfy_execution", "folder_paths", "latent_preview", "nodes",
                  "node_helpers", "server", "execution")
-CATEGORIES = ("BFR/degradation", "BFR/DR2", "BFR/FlipNet", "BFR/DR-BFR", "BFR/faces")  # one tree
+CATEGORIES = ("BFR/degradation", "BFR/DR2", "BFR/FlipNet", "BFR/DR-BFR", "BFR/CLR-Face", "BFR/faces")  # one tree
 
 
 def _py_files(*dirs):
