@@ -19,6 +19,7 @@ from ..pipelines import degradation, dr2, face, face_detect
 from ..pipelines.degrade_folder import degrade_folder
 from ..sd.loader import load_model
 from ..train import face_ae
+from ..train import clrface as clrface_trainer
 from ..train import dr_encoder as dr_encoder_trainer
 from ..train import drbfr as drbfr_trainer
 from ..train import flipnet as flipnet_trainer
@@ -336,6 +337,7 @@ TRAINERS = {
     "dr-encoder": (dr_encoder_trainer.DREncoderTrainConfig, dr_encoder_trainer.train_dr_encoder),
     "drbfr": (drbfr_trainer.DRBFRTrainConfig, drbfr_trainer.train_drbfr),
     "id-mask": (id_mask_trainer.IdMaskTrainConfig, id_mask_trainer.train_id_mask),
+    "clr-face": (clrface_trainer.CLRFaceTrainConfig, clrface_trainer.train_clrface),
 }
 
 
@@ -348,7 +350,8 @@ def _add_train(sub, argv: list[str]) -> None:
              "flipnet": "FlipNet LoRA + BoostHub (+ face tokens): --mode restore | degrade",
              "dr-encoder": "DR-BFR's degradation representation E_DR (+ G_LQ, InfoNCE, energy distance; Eq. 7)",
              "drbfr": "DR-BFR: LoRA + LQ latent concatenated + the DR encoder's tokens as a timestep-modulated prompt",
-             "id-mask": "CLR-Face identity mask f_M (perceptual + identity + sparsity) on a frozen SD2.1"}
+             "id-mask": "CLR-Face identity mask f_M (perceptual + identity + sparsity) on a frozen SD2.1",
+             "clr-face": "CLR-Face conditional denoiser: LoRA + the degraded latent concatenated, EDM noise levels"}
     parsers = {name: tsub.add_parser(name, help=helps[name], description=TRAINERS[name][0].FIRST_RUN or None,
                                      usage=f"bfr train {name} [--FLAG VALUE ...]  (flags by topic below)",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

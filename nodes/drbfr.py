@@ -207,38 +207,46 @@ class BFRApplyDRBFR:
 
     def apply(self, model, drbfr, vae, image, positive, negative, use_dr_prompt=True):
         import comfy.patcher_extension as pe
-        import node_helpers
 
         node = APPLY_ID
         if not isinstance(drbfr, DRBFRModel):
             raise NodeInputError(node, f"drbfr must come from {LOAD_ID}, got {type(drbfr).__name__}.")
-        check_sd21_model(node, model, "DR-BFR")
-        image = prepare_image(node, image, "DR-BFR")
-        ckpt = drbfr.checkpoint
-        conv = model.get_model_object(CONV_IN)
-        if isinstance(conv, ConcatConvIn):
-            raise NodeInputError(node, "this MODEL already carries a widened conv_in (DR-BFR or CLR-Face was applied "
-                                       "before); connect the checkpoint loader's MODEL instead.")
-        if tuple(conv.weight.shape[:1]) != tuple(ckpt.conv_in_extra.shape[:1]):
-            raise NodeInputError(node, f"{drbfr.name}: conv_in extra weights {tuple(ckpt.conv_in_extra.shape)} do not "
-                                       f"fit this UNet's conv_in {tuple(conv.weight.shape)}.")
-        with torch.no_grad():
-            raw = vae.encode(image)
-        lq = model.model.process_latent_in(raw.float()).float().cpu()
-
-        m = model.clone()
-        add_lora_patches(node, m, ckpt.lora, drbfr.name)
-        m.add_object_patch(CONV_IN, ConcatConvIn(conv, ckpt.extra_channels, ckpt.conv_in_extra))
+        m, pos, neg, latent, image = patch_conditional_model(node, model, drbfr.checkpoint, drbfr.name, vae, image,
+                                                             positive, negative)
         if use_dr_prompt:
             f_dr = drbfr.degradation_tokens(image)
             m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, DRPromptWrapper(f_dr, drbfr, node))
             m.set_additional_models(WRAPPER_KEY, [drbfr.patcher()])
-        pos = node_helpers.conditioning_set_values(positive, {"noise_concat": lq})
-        neg = node_helpers.conditioning_set_values(negative, {"noise_concat": lq})
         logger.info("%s: %s, %d image(s) %dx%d, DR prompt %s, UNet compute dtype %s.", node, drbfr.name,
                     image.shape[0], image.shape[2], image.shape[1], "on" if use_dr_prompt else "off",
                     unet_compute_dtype(model))
-        return m, pos, neg, {"samples": torch.zeros_like(raw, device="cpu")}
+        return m, pos, neg, latent
+
+
+def patch_conditional_model(node: str, model, ckpt, source: str, vae, image, positive, negative):
+    """A clone of ``model`` with a ``drbfr/1`` / ``clrface/1`` file's LoRA (ComfyUI's loader) and widened conv_in
+    (object patch), the prompts with the LQ latent as ``noise_concat`` on both, an empty latent of the image's size,
+    and the checked IMAGE. The input MODEL is never changed."""
+    import node_helpers
+
+    check_sd21_model(node, model, ckpt.title)
+    image = prepare_image(node, image, ckpt.title)
+    conv = model.get_model_object(CONV_IN)
+    if isinstance(conv, ConcatConvIn):
+        raise NodeInputError(node, "this MODEL already carries a widened conv_in (DR-BFR or CLR-Face was applied "
+                                   "before); connect the checkpoint loader's MODEL instead.")
+    if tuple(conv.weight.shape[:1]) != tuple(ckpt.conv_in_extra.shape[:1]):
+        raise NodeInputError(node, f"{source}: conv_in extra weights {tuple(ckpt.conv_in_extra.shape)} do not fit "
+                                   f"this UNet's conv_in {tuple(conv.weight.shape)}.")
+    with torch.no_grad():
+        raw = vae.encode(image)
+    lq = model.model.process_latent_in(raw.float()).float().cpu()
+    m = model.clone()
+    add_lora_patches(node, m, ckpt.lora, source)
+    m.add_object_patch(CONV_IN, ConcatConvIn(conv, ckpt.extra_channels, ckpt.conv_in_extra))
+    pos = node_helpers.conditioning_set_values(positive, {"noise_concat": lq})
+    neg = node_helpers.conditioning_set_values(negative, {"noise_concat": lq})
+    return m, pos, neg, {"samples": torch.zeros_like(raw, device="cpu")}, image
 
 
 NODE_CLASS_MAPPINGS = {"BFRLoadDRBFR": BFRLoadDRBFR, "BFRApplyDRBFR": BFRApplyDRBFR}
