@@ -25,8 +25,10 @@ from ..train import drbfr as drbfr_trainer
 from ..train import flipnet as flipnet_trainer
 from ..train import id_mask as id_mask_trainer
 from .args import add_dataclass_arguments, add_dr2_options, dataclass_from_namespace
+from .analyze_dr import add_analyze_dr
 from .client import run_workflow
 from .demo import run_demo
+from .dr2_auto import add_auto_args, add_calibrate_dr2, restore_dr2_auto
 from .folders import (DRBFRRestoreConfig, RestoreConfig, SynthesizeConfig, dr2_crop_restorer, drbfr_crop_restorer,
                       flipnet_crop_restorer, model_identity, resolve_device, restore_dr2, restore_drbfr,
                       restore_flipnet, synthesize_degraded)
@@ -36,7 +38,7 @@ from .photos import FACES_CHOICES, PhotoOptions, restore_photo_folder
 logger = logging.getLogger("bfr")
 
 COMMANDS = ("demo", "degrade", "restore", "train", "synthesize", "export-lora", "run-workflow", "make-testset", "eval",
-            "sweep")
+            "sweep", "analyze-dr", "calibrate-dr2")
 
 
 # --------------------------------------------------------------------------------------------------------- demo
@@ -183,6 +185,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
             written = restore_drbfr(dataclass_from_namespace(DRBFRRestoreConfig, args))
         logger.info("restored %d image(s) into %s", len(written), out)
         return 0
+    if getattr(args, "auto", None):
+        return restore_dr2_auto(args, out)
     cfg = dr2.DR2Config(n=args.n, tau=args.tau, omega=args.omega, steps=args.steps, space=args.space,
                         seed=args.seed)
     result = restore_dr2(args.image, out, cfg, base_model=args.base_model, download=args.download,
@@ -320,6 +324,7 @@ def _add_restore(sub, argv: list[str]) -> None:
     p.add_argument("--checkpoint", action=_NotForDR2, help=argparse.SUPPRESS)
     _add_model_args(p)
     _add_dr2_args(p)
+    add_auto_args(p)
 
 
 class _NotForDR2(argparse.Action):
@@ -457,6 +462,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_make_testset(sub)
     add_eval(sub, argv)
     add_sweep(sub, argv)
+    add_analyze_dr(sub)
+    add_calibrate_dr2(sub)
     return parser
 
 

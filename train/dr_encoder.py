@@ -7,6 +7,11 @@ position). The objective is ``DRModule.loss`` (Eq. 7): L_recon (G_LQ re-degrades
 + lambda2 energy distance to N(0, I) (Eq. 6). The paper states no patch size, batch size or schedule: patches of
 96 px from 512 px faces (ours; DASR trains on 48 px LR patches at x4, i.e. 192 px HQ), batch 16, Adam 1e-4 (DASR's
 encoder stage).
+
+Beyond the paper (ours, ``--content-repeats R``, default 1 = the paper): each HQ image of a batch appears R times
+with R independent degradations and the SAME patch positions, so the in-batch negatives include the same content
+under other degradations; InfoNCE can then only be solved by the degradation, not by colour or content (with few
+training images, content is otherwise a shortcut: two patches of one photo share its palette).
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..lora.dr_checkpoint import save_dr_checkpoint
 from ..lora.dr_module import DRConfig, DRModule
 from .core import Stage, StepContext, StepResult, TrainConfig, TrainingRun, adamw, face_folder_dataset, flag
 from .core import save_image_grid, warmup_schedule
+from .data import degrade_on_the_fly
 
 logger = logging.getLogger(__name__)
 
@@ -53,45 +60,70 @@ then `bfr train drbfr --dr-encoder RUN_DR/dr_encoder.safetensors ...`. A quick t
     token_dim: int = flag("DR token width d (DASR's 256)", "model", default=256)
     max_train_steps: int = flag("optimizer steps (ours)", "schedule", default=100_000)
     lr_warmup_steps: int = flag("linear warm-up steps, then constant", "optim", default=0)
+    encoder_channels: tuple[int, ...] = flag("E_DR widths per VGG block, two 3x3 convs each, a 2x2 max-pool between "
+                                             "(DASR's 64 128 256)", "model", default=(64, 128, 256))
+    gen_channels: tuple[int, ...] = flag("G_LQ U-Net widths per level (ours: 32 64 128)", "model",
+                                         default=(32, 64, 128))
+    content_repeats: int = flag("each image R times per batch with R different degradations at the same patch "
+                                "positions: same-content negatives (ours; 1 = the paper)", "model", default=1)
+
+    def __post_init__(self):
+        self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
+        self.gen_channels = tuple(int(c) for c in self.gen_channels)
+        super().__post_init__()
 
     def validate(self) -> None:
         if not self.hq_dir:
             self.bad("hq_dir", "is required (a folder of aligned HQ faces; LQ is made on the fly).")
         if self.lambda_perceptual:
             self.bad("lambda_perceptual", "must be 0: the DRM's objective is L_DR (Eq. 7).")
-        self.check_positive_ints("patch_size", "num_tokens", "token_dim")
+        self.check_positive_ints("patch_size", "num_tokens", "token_dim", "content_repeats")
         if self.patch_size > self.resolution:
             self.bad("patch_size", f"is larger than --resolution {self.resolution}: the patches are cut from the "
                      "training images.")
-        if self.patch_size % 4:
-            self.bad("patch_size", "must be a multiple of 4 (G_LQ's U-Net halves it twice).")
+        multiple = 2 ** (len(self.gen_channels) - 1)
+        if self.patch_size % multiple:
+            self.bad("patch_size", f"must be a multiple of {multiple} (G_LQ's U-Net halves it "
+                     f"{len(self.gen_channels) - 1} times).")
+        if self.patch_size < 2 ** (len(self.encoder_channels) - 1):
+            self.bad("patch_size", f"must be >= {2 ** (len(self.encoder_channels) - 1)} (E_DR max-pools "
+                     f"{len(self.encoder_channels) - 1} times).")
         if self.train_batch_size < 2:
             self.bad("train_batch_size", "must be >= 2: the other images of a batch are the contrastive negatives.")
         super().validate()
 
     def dr_config(self) -> DRConfig:
-        return DRConfig(num_tokens=self.num_tokens, token_dim=self.token_dim, temperature=self.temperature,
+        return DRConfig(encoder_blocks=tuple((c, c) for c in self.encoder_channels), gen_channels=self.gen_channels,
+                        num_tokens=self.num_tokens, token_dim=self.token_dim, temperature=self.temperature,
                         lambda_contras=self.lambda_contras, lambda_distribution=self.lambda_distribution)
 
 
-def patch_pairs(hq: torch.Tensor, lq: torch.Tensor, size: int, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def patch_pairs(hq: torch.Tensor, lq: torch.Tensor, size: int, generator: torch.Generator | None = None,
+                repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(p1, p2, r1, r2): per image two random ``size`` x ``size`` windows, each at the same position in LQ (p) and HQ
-    (r) (Eq. 2). Images (B, 3, H, W), H and W >= size."""
+    (r) (Eq. 2). Images (B, 3, H, W), H and W >= size. ``repeats`` R: rows i, i + B/R, i + 2B/R, ... (one content
+    under R degradations) share their positions."""
     if hq.shape != lq.shape:
         raise ValueError(f"HQ {tuple(hq.shape)} and LQ {tuple(lq.shape)} must have one shape (LQ resized back to HQ).")
     b, _, h, w = hq.shape
     if min(h, w) < size:
         raise ValueError(f"images of {w}x{h} px are smaller than the {size} px patches; lower --patch-size or raise "
                          "--resolution.")
+    if repeats < 1 or b % repeats:
+        raise ValueError(f"repeats={repeats} must be a positive divisor of the batch {b}.")
     device = hq.device
-    ys = torch.randint(0, h - size + 1, (2, b), generator=generator, device=device).tolist()
-    xs = torch.randint(0, w - size + 1, (2, b), generator=generator, device=device).tolist()
+    ys = torch.randint(0, h - size + 1, (2, b // repeats), generator=generator, device=device).repeat(1, repeats).tolist()
+    xs = torch.randint(0, w - size + 1, (2, b // repeats), generator=generator, device=device).repeat(1, repeats).tolist()
 
     def cut(t, k):
         return torch.stack([t[i, :, ys[k][i]:ys[k][i] + size, xs[k][i]:xs[k][i] + size] for i in range(b)])
 
     return cut(lq, 0), cut(lq, 1), cut(hq, 0), cut(hq, 1)
+
+
+def _repeat_seed(seed: int, step: int, process: int, copy: int) -> int:
+    """Degradation seed of the ``copy``-th extra copy of a batch (independent of the core's LQ seeds)."""
+    return int(np.random.SeedSequence([seed, step, process, copy, 0xD2]).generate_state(1)[0]) & 0x7FFFFFFF
 
 
 class DRLoss(torch.nn.Module):
@@ -118,7 +150,12 @@ def train_dr_encoder(cfg: DREncoderTrainConfig) -> Path:
     stage = Stage("dr", optimizer, params, cfg.max_grad_norm, warmup_schedule(optimizer, cfg.lr_warmup_steps))
 
     def step(batch: dict, models: tuple, ctx: StepContext) -> StepResult:
-        p1, p2, _, r2 = patch_pairs(batch["hq"], batch["lq"], cfg.patch_size, ctx.generator)
+        hq, lq = batch["hq"], batch["lq"]
+        if cfg.content_repeats > 1:  # the same images again, each copy with its own fresh degradation
+            extra = [degrade_on_the_fly(hq, _repeat_seed(cfg.seed, ctx.global_step, run.accelerator.process_index, k),
+                                        run.degradation) for k in range(1, cfg.content_repeats)]
+            hq, lq = hq.repeat(cfg.content_repeats, 1, 1, 1), torch.cat([lq, *extra])
+        p1, p2, _, r2 = patch_pairs(hq, lq, cfg.patch_size, ctx.generator, cfg.content_repeats)
         losses = models[0](p1, p2, r2, ctx.generator)
         return StepResult({"dr": losses["total"]}, {k: float(v.detach()) for k, v in losses.items() if k != "total"})
 
