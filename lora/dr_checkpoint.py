@@ -36,6 +36,9 @@ def save_dr_checkpoint(path: str | Path, module: DRModule, *, patch_size: int, t
 
 def read_dr_checkpoint(path: str | Path) -> tuple[DRModule, dict[str, str]]:
     """(the DR module in eval mode, metadata) of a ``drbfr-dr/1`` file; every problem is a CheckpointError."""
+    if Path(path).suffix != ".safetensors" and Path(path).is_file():
+        raise CheckpointError(path, f"expected the .safetensors DR encoder of `bfr train dr-encoder`, got a "
+                                    f"{Path(path).suffix or 'suffix-less'!r} file.")
     tensors, meta = _read(path)
     fmt = meta.get("bfr_format")
     if fmt != DR_FORMAT:
