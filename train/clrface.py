@@ -23,7 +23,7 @@ from ..sd.diffusion import sigmas_from_alphas_cumprod
 from .core import Stage, StepContext, StepResult, TrainConfig, TrainingRun, adamw, base_components, face_folder_dataset
 from .core import flag, warmup_schedule
 from .drbfr import ConditionalUNet, conditional_ldm_loss, prepare_conditional_unet
-from .flipnet import FrozenParts
+from .flipnet import place_sd_parts
 
 logger = logging.getLogger(__name__)
 
@@ -90,18 +90,11 @@ def train_clrface(cfg: CLRFaceTrainConfig, components: dict | None = None) -> Pa
     dataset = face_folder_dataset(cfg, captions=cfg.captions)
     device, weight_dtype = run.device, run.weight_dtype
     components, prediction_type = base_components(cfg, components)
-    unet, vae, scheduler = components["unet"], components["vae"], components["scheduler"]
+    unet = components["unet"]
     prepare_conditional_unet(unet, cfg.lora_rank, cfg.lora_alpha, "CLR-Face")
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet.to(device, dtype=weight_dtype)
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    vae.to(device, dtype=weight_dtype).requires_grad_(False).eval()
-    components["text_encoder"].to(device, dtype=weight_dtype).requires_grad_(False).eval()
-    frozen = FrozenParts(vae=vae, text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-                         alphas_cumprod=scheduler.alphas_cumprod.to(device), prediction_type=prediction_type)
+    frozen = place_sd_parts(components, device, weight_dtype, prediction_type)
     module = ConditionalUNet(unet)
     params = [p for p in module.parameters() if p.requires_grad]
     logger.info("Trainable parameters: %.2f M (LoRA rank %d, conv_in extra channels).",

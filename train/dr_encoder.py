@@ -170,6 +170,10 @@ def train_dr_encoder(cfg: DREncoderTrainConfig) -> Path:
         with torch.no_grad():
             p1, p2, _, r2 = patch_pairs(val_batch["hq"], val_batch["lq"], cfg.patch_size, g)
             redegraded = module.degrader(r2, module.encoder(p1)).clamp(0, 1)
+            if p1.shape[0] >= 2:  # the fixed batch's L_DR terms (InfoNCE needs two images)
+                terms = module.loss(p1, p2, r2, torch.Generator(device=run.device).manual_seed(cfg.seed))
+                logger.info("validation step %d: %s", global_step,
+                            " ".join(f"{k}={float(v):.4f}" for k, v in terms.items()))
         module.train(was)
         path = Path(cfg.output_dir) / "validation" / f"dr_step_{global_step:07d}.png"
         save_image_grid([[a, b, c] for a, b, c in zip(r2, p2, redegraded)], path)  # HQ r2 | LQ p2 | G_LQ(r2, E(p1))

@@ -33,7 +33,7 @@ from ..sd.diffusion import diffusion_target, q_sample
 from ..sd.vae import encode as vae_encode
 from .core import Stage, StepContext, StepResult, TrainConfig, TrainingRun, adamw, base_components, face_folder_dataset
 from .core import flag, save_image_grid, warmup_schedule
-from .flipnet import FrozenParts, encode_text
+from .flipnet import FrozenParts, encode_text, place_sd_parts
 
 logger = logging.getLogger(__name__)
 
@@ -174,16 +174,9 @@ def train_drbfr(cfg: DRBFRTrainConfig, components: dict | None = None) -> Path:
                                      context_dim=unet.config.cross_attention_dim, hidden=cfg.prompt_hidden))
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet.to(device, dtype=weight_dtype)
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    frozen = place_sd_parts(components, device, weight_dtype, prediction_type)
     encoder.to(device, dtype=weight_dtype)
     prompt.to(device)
-    vae.to(device, dtype=weight_dtype).requires_grad_(False).eval()
-    components["text_encoder"].to(device, dtype=weight_dtype).requires_grad_(False).eval()
-    frozen = FrozenParts(vae=vae, text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-                         alphas_cumprod=scheduler.alphas_cumprod.to(device), prediction_type=prediction_type)
     module = ConditionalUNet(unet, prompt, encoder)
     params = [p for p in module.parameters() if p.requires_grad]
     logger.info("Trainable parameters: %.2f M (LoRA rank %d, conv_in extra channels, DR prompt %.2f M).",

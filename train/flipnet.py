@@ -199,6 +199,22 @@ class FrozenParts:
     perceptual: VGGPerceptualLoss | None = None
 
 
+def place_sd_parts(components: dict, device, weight_dtype: torch.dtype, prediction_type: str,
+                   **extra) -> FrozenParts:
+    """The UNet on the device in the compute dtype with its trainable parameters in fp32, the VAE and text encoder
+    frozen in the compute dtype; returns the :class:`FrozenParts` of the loss (``extra``: its optional fields)."""
+    unet, vae, text_encoder = components["unet"], components["vae"], components["text_encoder"]
+    unet.to(device, dtype=weight_dtype)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    vae.to(device, dtype=weight_dtype).requires_grad_(False).eval()
+    text_encoder.to(device, dtype=weight_dtype).requires_grad_(False).eval()
+    return FrozenParts(vae=vae, text_encoder=text_encoder, tokenizer=components["tokenizer"],
+                       alphas_cumprod=components["scheduler"].alphas_cumprod.to(device),
+                       prediction_type=prediction_type, **extra)
+
+
 def encode_text(frozen: FrozenParts, captions: list[str]) -> torch.Tensor:
     """Frozen CLIP text context of the (possibly dropped) captions."""
     with torch.no_grad():
@@ -338,16 +354,9 @@ def train_flipnet(cfg: FlipNetTrainConfig, components: dict | None = None) -> Pa
     perceptual = perceptual_loss(cfg)
 
     # frozen parts in the compute dtype, trainable parts in fp32
-    unet.to(device, dtype=weight_dtype)
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    vae.to(device, dtype=weight_dtype).requires_grad_(False).eval()
-    components["text_encoder"].to(device, dtype=weight_dtype).requires_grad_(False).eval()
-    frozen = FrozenParts(vae=vae, text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-                         alphas_cumprod=scheduler.alphas_cumprod.to(device), prediction_type=prediction_type,
-                         face_encoder=face_encoder, face_image_size=face_size,
-                         perceptual=perceptual.to(device) if perceptual is not None else None)
+    frozen = place_sd_parts(components, device, weight_dtype, prediction_type, face_encoder=face_encoder,
+                            face_image_size=face_size,
+                            perceptual=perceptual.to(device) if perceptual is not None else None)
 
     module = FlipNetTrainModule(unet, adapter)
     params = [p for p in module.parameters() if p.requires_grad]
