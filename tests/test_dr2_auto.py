@@ -124,6 +124,13 @@ def test_cli_calibrate_and_node_functions(tmp_path, record_figure):
     n, tau, omega = auto_nodes.auto_params(dr, image, str(out))
     cal = Q.load_calibration(out)
     assert (n, tau) in cal.grid and omega == ilvr.omega_auto(tau)
+    # bfr restore --method dr2 --auto: per image its own (N, tau, omega); the tiny random SD model (no SD 2.1 here)
+    lq_dir = tmp_path / "lq"
+    write_faces(lq_dir, 2, size=64, seed=300)
+    assert main(["restore", str(lq_dir), str(tmp_path / "restored"), "--method", "dr2", "--auto", str(out),
+                 "--dr-encoder", str(enc_file)]) == 0
+    assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == ["00000_dr2.png", "00001_dr2.png"]
+    assert main(["restore", str(lq_dir), str(tmp_path / "r2"), "--method", "dr2", "--auto", str(out)]) == 2
     with pytest.raises(NodeInputError, match="smaller than the DR encoder's 32 px"):
         auto_nodes.auto_params(dr, image[:, :16, :16], str(out))
     with pytest.raises(NodeInputError, match="drbfr-dr/1"):
