@@ -24,6 +24,7 @@ from ..train import dr_encoder as dr_encoder_trainer
 from ..train import drbfr as drbfr_trainer
 from ..train import flipnet as flipnet_trainer
 from ..train import id_mask as id_mask_trainer
+from ..train import irn as irn_trainer
 from .args import add_dataclass_arguments, add_dr2_options, dataclass_from_namespace
 from .analyze_dr import add_analyze_dr
 from .client import run_workflow
@@ -342,6 +343,7 @@ TRAINERS = {
     "dr-encoder": (dr_encoder_trainer.DREncoderTrainConfig, dr_encoder_trainer.train_dr_encoder),
     "drbfr": (drbfr_trainer.DRBFRTrainConfig, drbfr_trainer.train_drbfr),
     "id-mask": (id_mask_trainer.IdMaskTrainConfig, id_mask_trainer.train_id_mask),
+    "irn": (irn_trainer.IRNTrainConfig, irn_trainer.train_irn),
     "clr-face": (clrface_trainer.CLRFaceTrainConfig, clrface_trainer.train_clrface),
 }
 
@@ -356,6 +358,7 @@ def _add_train(sub, argv: list[str]) -> None:
              "dr-encoder": "DR-BFR's degradation representation E_DR (+ G_LQ, InfoNCE, energy distance; Eq. 7)",
              "drbfr": "DR-BFR: LoRA + LQ latent concatenated + the DR encoder's tokens as a timestep-modulated prompt",
              "id-mask": "CLR-Face identity mask f_M (perceptual + identity + sparsity) on a frozen SD2.1",
+             "irn": "CLR-Face Identity Recovery Network f_phi (Eq. 11: alpha L1 + ArcFace cosine distance)",
              "clr-face": "CLR-Face conditional denoiser: LoRA + the degraded latent concatenated, EDM noise levels"}
     parsers = {name: tsub.add_parser(name, help=helps[name], description=TRAINERS[name][0].FIRST_RUN or None,
                                      usage=f"bfr train {name} [--FLAG VALUE ...]  (flags by topic below)",
