@@ -266,8 +266,7 @@ def aggregate(records: Sequence[dict]) -> dict:
 def set_fid(scorer: Scorer, images: Sequence[Path], reference: Sequence[Path]) -> float | None:
     if scorer.fid is None or not scorer.fid.available:
         return None
-    r = scorer.fid([read_rgb(p) for p in images], [read_rgb(p) for p in reference])
-    return r.value
+    return scorer.fid.files(images, reference).value
 
 
 # ------------------------------------------------------------------------------------------------ outputs

@@ -19,8 +19,10 @@ it is looked for). Nothing is downloaded, nothing heavy is imported at module im
   the ImageNet backbone torchvision publishes (``alexnet-owt-7be5be79.pth`` / ``vgg16-397923af.pth`` in the torch
   hub cache ``$TORCH_HOME/hub/checkpoints``), both read with ``torch.load(weights_only=True)``.
 - :func:`frechet_distance` + :class:`FID`: Heusel et al. 2017, ``|mu1-mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)`` on
-  Inception-v3 pool features; the features need the ``pytorch_fid`` package and its
-  ``pt_inception-2015-12-05-6726825d.pth`` in the torch hub cache, otherwise FID is skipped.
+  the 2048-d pool3 features of pytorch-fid's Inception-v3, our own network code (:mod:`.fid_inception`, no
+  torchvision, no pytorch-fid at run time; features equal pytorch-fid's on the same weights) with pytorch-fid's
+  ``pt_inception-2015-12-05-6726825d.pth`` (torch hub cache or a given path, layout checked key for key);
+  without it FID is skipped naming the file.
 - MUSIQ and CLIP-IQA: not available in this pack (their networks and weights are not implemented offline here);
   :func:`unavailable` reports them as skipped, so a report says so instead of leaving a gap unexplained.
 """
@@ -436,55 +438,112 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
+def frechet_distance_features(f1: np.ndarray, f2: np.ndarray) -> float:
+    """:func:`frechet_distance` of the Gaussians fitted to two (N, D) feature sets (covariance with N - 1).
+
+    With fewer images than dimensions (a test set of a few hundred faces vs 2048-d features) the covariances are
+    low-rank: ``S1 = A^T A``, ``S2 = B^T B`` with the centred features ``A``, ``B`` scaled by ``1/sqrt(N - 1)``,
+    and the nonzero eigenvalues of ``S1 S2`` are those of ``M M^T`` with ``M = A B^T`` (N1 x N2), so
+    ``Tr (S1 S2)^(1/2) = sum sqrt(eig(M M^T))`` exactly, without a D x D matrix square root."""
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    for f in (f1, f2):
+        if f.ndim != 2 or len(f) < 2:
+            raise ValueError(f"FID needs at least 2 images per set, got features of shape {f.shape}")
+    if f1.shape[1] != f2.shape[1]:
+        raise ValueError(f"feature sizes differ: {f1.shape[1]} vs {f2.shape[1]}")
+    if min(len(f1), len(f2)) >= f1.shape[1]:
+        return frechet_distance(*feature_statistics(f1), *feature_statistics(f2))
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    a = (f1 - mu1) / math.sqrt(len(f1) - 1)
+    b = (f2 - mu2) / math.sqrt(len(f2) - 1)
+    m = a @ b.T
+    ev = np.linalg.eigvalsh(m @ m.T if len(f1) <= len(f2) else m.T @ m)
+    diff = mu1 - mu2
+    return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2.0 * np.sqrt(np.clip(ev, 0.0, None)).sum())
+
+
 class FID:
-    """FID between image sets with pytorch-fid's Inception-v3 (2048-d pool features), when both the
-    ``pytorch_fid`` package and its weights in the torch hub cache are present; otherwise ``skipped`` says which.
-    """
+    """FID (Heusel et al. 2017) on the 2048-d pool3 features of pytorch-fid's Inception-v3
+    (:mod:`.fid_inception`, our network code, no torchvision), with its weight file ``weights`` (default
+    ``<torch hub>/checkpoints/pt_inception-2015-12-05-6726825d.pth``); ``skipped`` says why when it is missing or
+    not in that layout. Features of a file set are cached by (path, size, mtime), so the HQ and reference sets are
+    computed once per run."""
 
     name = "FID"
 
     def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu", batch_size: int = 16):
+        from .fid_inception import FIDWeightsError, load_fid_inception
+
         self.skipped, self.weights, self.model = None, [], None
         self.device, self.batch_size = torch.device(device), int(batch_size)
+        self._cache: dict[tuple, np.ndarray] = {}
         path = Path(weights) if weights else torch_hub_checkpoints() / FID_WEIGHTS
-        if importlib.util.find_spec("pytorch_fid") is None:
-            self.skipped = ("FID needs the pytorch_fid package (pip install 'comfyui-bfr[eval]' pytorch-fid, which "
-                            f"needs torchvision) and its Inception weights {FID_WEIGHTS} in {path.parent}")
-        elif not path.is_file():
-            self.skipped = f"FID needs pytorch-fid's Inception weights {path.name} at {path} (torch hub cache)"
+        if not path.is_file():
+            self.skipped = (f"FID needs pytorch-fid's Inception weights {FID_WEIGHTS} at {path} (the torch hub cache "
+                            "$TORCH_HOME/hub/checkpoints, or --fid-weights FILE); copy it there from a machine "
+                            "that has it")
+        else:
+            try:
+                self.model = load_fid_inception(path).to(self.device)
+            except FIDWeightsError as exc:
+                self.skipped = str(exc)
         if self.skipped:
             _log_skip(self.name, self.skipped)
             return
-        from pytorch_fid.inception import InceptionV3  # optional; finds the cached file, no download
-
-        self.model = InceptionV3([3], resize_input=True, normalize_input=True, use_fid_inception=True)
-        self.model = self.model.eval().requires_grad_(False).to(self.device)
         self.weights = [file_record(path)]
 
     @property
     def available(self) -> bool:
         return self.model is not None
 
-    def features(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    def features(self, images: Sequence) -> np.ndarray:
+        """(N, 2048) float64 pool3 features of (H, W, 3) images (uint8 or float [0, 1]; sizes may differ)."""
+        import torch.nn.functional as F
+
+        from .fid_inception import FID_SIZE
+
+        if self.model is None:
+            raise RuntimeError(f"FID is not available: {self.skipped}")
         out = []
         with torch.inference_mode():
             for i in range(0, len(images), self.batch_size):
-                x = torch.cat([_as_nchw(im) for im in images[i:i + self.batch_size]]).to(self.device)
-                out.append(self.model(x)[0].flatten(1).cpu().numpy())
-        return np.concatenate(out)
+                # each image resized on its own (pytorch-fid's bilinear resize; the network's own resize of a
+                # 299 px input is then the identity), so a batch may mix sizes
+                x = torch.cat([F.interpolate(_as_nchw(im), size=(FID_SIZE, FID_SIZE), mode="bilinear",
+                                             align_corners=False) for im in images[i:i + self.batch_size]])
+                out.append(self.model(x.to(self.device)).double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 2048))
 
-    def __call__(self, images: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> MetricResult:
+    def file_features(self, paths: Sequence[str | Path]) -> np.ndarray:
+        """:meth:`features` of image files, cached by (path, size, mtime)."""
+        from .image_io import read_rgb
+
+        key = tuple((str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths)
+        if key not in self._cache:
+            self._cache[key] = self.features([read_rgb(p) for p in paths])
+        return self._cache[key]
+
+    def _result(self, fa: np.ndarray, fb: np.ndarray) -> MetricResult:
+        if len(fa) < 2 or len(fb) < 2:
+            return MetricResult(self.name, skipped=f"FID needs >= 2 images per set, got {len(fa)} and {len(fb)}",
+                                weights=list(self.weights))
+        return MetricResult(self.name, frechet_distance_features(fa, fb), list(self.weights))
+
+    def __call__(self, images: Sequence, reference: Sequence) -> MetricResult:
+        """FID between two lists of (H, W, 3) images."""
         if self.model is None:
             return MetricResult(self.name, skipped=self.skipped)
-        if len(images) < 2 or len(reference) < 2:
-            return MetricResult(self.name, skipped=f"FID needs >= 2 images per set, got {len(images)} and "
-                                                   f"{len(reference)}", weights=list(self.weights))
-        a = feature_statistics(self.features(images))
-        b = feature_statistics(self.features(reference))
-        return MetricResult(self.name, frechet_distance(*a, *b), list(self.weights))
+        return self._result(self.features(images), self.features(reference))
+
+    def files(self, images: Sequence[str | Path], reference: Sequence[str | Path]) -> MetricResult:
+        """FID between two lists of image files (features cached)."""
+        if self.model is None:
+            return MetricResult(self.name, skipped=self.skipped)
+        return self._result(self.file_features(images), self.file_features(reference))
 
 
 __all__ = ["CLIPIQA_SKIP", "FID", "FID_WEIGHTS", "LPIPS", "LPIPSNet", "LPIPS_BACKBONE_FILES", "LPIPS_HEAD_FILES",
            "MUSIQ_SKIP", "MetricResult", "NIQE_PARAMS", "feature_statistics", "frechet_distance",
+           "frechet_distance_features",
            "gaussian_window_2d", "imresize_matlab", "lpips_head_candidates", "niqe", "niqe_features",
            "niqe_pristine_model", "niqe_score", "to_gray_255", "torch_hub_checkpoints", "unavailable"]
