@@ -173,7 +173,7 @@ def test_workflow_ids_follow_the_naming_rule_and_are_unique():
 
 # ------------------------------------------------------------------------------------------- whole-photo workflows
 PHOTO_WORKFLOWS = {"restore_photo_dr2": "BFRDR2Restore", "restore_photo_flipnet": "BFRApplyFlipNet",
-                   "restore_photo_drbfr": "BFRApplyDRBFR"}
+                   "restore_photo_drbfr": "BFRApplyDRBFR", "restore_photo_clrface": "BFRApplyCLRFace"}
 DRBFR_WORKFLOWS = ("restore_drbfr", "restore_photo_drbfr")
 
 
@@ -238,3 +238,52 @@ def test_photo_workflow_is_detect_crop_restore_paste_save(stem, restorer):
     assert save["inputs"]["images"] == [paste_id, 0]
     _, prev = _one(prompt, "PreviewImage")
     assert prev["inputs"]["images"] == [det_id, 1]
+
+
+# ----------------------------------------------------------------------------------------------- CLR-Face workflows
+CLRFACE_WORKFLOWS = ("restore_clrface", "restore_photo_clrface")
+
+
+def test_every_clrface_workflow_is_checked_here():
+    shipped = {p.stem for p in UI_FILES if any(n["type"] == "BFRCLRFaceSampler" for n in json.loads(p.read_text())["nodes"])}
+    assert shipped == set(CLRFACE_WORKFLOWS), shipped
+
+
+@pytest.mark.parametrize("stem", CLRFACE_WORKFLOWS)
+def test_clrface_workflow_refines_the_dr2_estimate_as_the_paper_samples(stem):
+    """CLR-Face §3.2-3.3 on SD2.1: x_id = DR2(LQ) in the same graph; refinement starts from VAEEncode(x_id) on a Karras
+    schedule of the PATCHED model at denoise < 1 (sigma_start), ~40 Heun steps (paper), with the CLR-Face sampler whose
+    identity reference is that same x_id; Apply CLR-Face reads the LQ faces (E(x^d) concatenated) and its MODEL and
+    both prompts feed the guider at cfg 1; the identity drift x_id -> refined is shown by BFR Identity Score."""
+    prompt = _api(stem)
+    ckpt_id, _ = _one(prompt, "CheckpointLoaderSimple")
+    dr2_id, dr2 = _one(prompt, "BFRDR2Restore")
+    apply_id, apply = _one(prompt, "BFRApplyCLRFace")
+    lq = dr2["inputs"]["image"]
+    assert apply["inputs"]["image"] == lq, "Apply CLR-Face must read the degraded faces, not x_id"
+    assert prompt[lq[0]]["class_type"] in ("LoadImage", "BFRCropFaces")
+    assert (apply["inputs"]["model"], apply["inputs"]["vae"]) == ([ckpt_id, 0], [ckpt_id, 2])
+    load_id, load = _one(prompt, "BFRLoadCLRFace")
+    assert apply["inputs"]["clrface"] == [load_id, 0] and load["inputs"]["clrface_name"] == "clrface.safetensors"
+    _, enc = _one(prompt, "VAEEncode")
+    assert enc["inputs"]["pixels"] == [dr2_id, 0], "refinement starts from E(x_id)"
+    sampler_id, sampler = _one(prompt, "BFRCLRFaceSampler")
+    assert sampler["inputs"]["reference"] == [dr2_id, 0], "the identity reference is x_id"
+    assert sampler["inputs"]["vae"] == [ckpt_id, 2] and sampler["inputs"]["scale"] > 0
+    _, ident = _one(prompt, "BFRLoadIdentityModel")
+    assert sampler["inputs"]["identity_model"][0] in prompt and ident["inputs"]["align"] == "template"
+    _, sched = _one(prompt, "BasicScheduler")
+    s = sched["inputs"]
+    assert s["model"] == [apply_id, 0] and s["scheduler"] == "karras" and s["steps"] == 40 and 0 < s["denoise"] < 1
+    _, guider = _one(prompt, "CFGGuider")
+    g = guider["inputs"]
+    assert (g["model"], g["positive"], g["negative"], g["cfg"]) == ([apply_id, 0], [apply_id, 1], [apply_id, 2], 1.0)
+    adv_id, adv = _one(prompt, "SamplerCustomAdvanced")
+    assert adv["inputs"]["sampler"] == [sampler_id, 0] and adv["inputs"]["latent_image"][0] == \
+        [nid for nid, n in prompt.items() if n["class_type"] == "VAEEncode"][0]
+    dec_id, dec = _one(prompt, "VAEDecode")
+    assert dec["inputs"] == {"samples": [adv_id, 0], "vae": [ckpt_id, 2]}
+    _, score = _one(prompt, "BFRIdentityScore")
+    assert sorted([score["inputs"]["image_a"], score["inputs"]["image_b"]]) == sorted([[dr2_id, 0], [dec_id, 0]])
+    shown = [n["inputs"]["source"] for n in prompt.values() if n["class_type"] == "PreviewAny"]
+    assert [_one(prompt, "BFRIdentityScore")[0], 2] in shown and [sampler_id, 1] in shown

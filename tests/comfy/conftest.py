@@ -199,6 +199,10 @@ def comfy_server(tmp_path_factory, tiny_checkpoint, tiny_flipnet_checkpoints):
     from fixtures.drbfr import SERVER_NAME, write_tiny_drbfr_checkpoint
 
     bfr_models[SERVER_NAME] = write_tiny_drbfr_checkpoint(base / "tiny_drbfr.safetensors")
+    from fixtures import clrface as clr
+
+    bfr_models[clr.SERVER_NAME] = clr.write_tiny_clrface_checkpoint(base / "tiny_clrface.safetensors")[0]
+    bfr_models[clr.IDENTITY_SERVER_NAME] = clr.write_tiny_identity_model(base / "tiny_identity" / "backbone.pth")
     with server.comfy_server_session(base, checkpoint=tiny_checkpoint, bfr_models=bfr_models,
                                      extra_args=["--extra-model-paths-config", str(yaml_path)]) as srv:
         srv.extra_model_dirs["bfr"] = base / EXTRA_MODELS / "bfr"

@@ -8,12 +8,10 @@ import math
 import pytest
 import torch
 
-from comfyui_bfr.lora import cond_checkpoint as cc
 from comfyui_bfr.lora.ldrm import concat_unet_eps
 from comfyui_bfr.nodes import clrface_denoiser as cn
 from comfyui_bfr.nodes.helpers import NodeInputError
-from comfyui_bfr.train.drbfr import prepare_conditional_unet
-from fixtures import tiny_sd
+from fixtures.clrface import write_tiny_clrface_checkpoint
 from fixtures.drbfr import write_tiny_drbfr_checkpoint
 from test_flipnet_nodes import _conds, _images, _sample, _sigma, comfy_denoised
 
@@ -21,15 +19,7 @@ pytestmark = pytest.mark.comfy
 
 
 def _write_clrface(path, zero=False):
-    unet = tiny_sd.build_tiny_unet(0)
-    prepare_conditional_unet(unet, rank=4, alpha=4.0, what="CLR-Face")
-    g = torch.Generator().manual_seed(21)
-    with torch.no_grad():
-        for _, p in sorted(unet.named_parameters(), key=lambda kv: kv[0]):
-            if p.requires_grad and not zero:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    cc.save_conditional_checkpoint(path, unet, fmt=cc.CLRFACE_FORMAT)
-    return path, unet.eval()
+    return write_tiny_clrface_checkpoint(path, zero=zero)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@
 Only the inputs a user would change differ: every CheckpointLoaderSimple ``ckpt_name`` points at the tiny SD2
 checkpoint (tests/fixtures/tiny_sd.py), every BFR Load FlipNet ``flipnet_name`` (``flipnet_<mode>.safetensors``, what
 ``bfr train flipnet`` writes) at the tiny FlipNet checkpoint of that mode (tests/fixtures/flipnet.py, non-zero
-LoRA/BoostHub/face embedder on the tiny checkpoint's UNet) and every LoadImage at an uploaded 128 px test photo.
+LoRA/BoostHub/face embedder on the tiny checkpoint's UNet), the DR-BFR / CLR-Face loaders at tiny non-zero files of
+their formats, BFR Load Identity Model at a random-weights iresnet r18 ``backbone.pth`` (tests/fixtures/clrface.py),
+and every LoadImage at an uploaded 128 px test photo.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import pytest
 
 from comfyui_bfr import NODE_CLASS_MAPPINGS
 from comfyui_bfr.cli.client import ComfyClient, apply_overrides, load_api_prompt, set_load_images
+from fixtures.clrface import IDENTITY_SERVER_NAME
+from fixtures.clrface import SERVER_NAME as CLRFACE_SERVER_NAME
 from fixtures.drbfr import SERVER_NAME as DRBFR_SERVER_NAME
 
 pytestmark = pytest.mark.comfy
@@ -86,6 +90,11 @@ def _prepare(prompt: dict, image_name: str, server, object_info: dict) -> dict:
         if node.get("class_type") == "BFRLoadDRBFR":
             assert node["inputs"]["drbfr_name"] == "drbfr.safetensors", f"node {nid}: ships another file name"
             sets.append(f"{nid}.drbfr_name={DRBFR_SERVER_NAME}")
+        if node.get("class_type") == "BFRLoadCLRFace":
+            assert node["inputs"]["clrface_name"] == "clrface.safetensors", f"node {nid}: ships another file name"
+            sets.append(f"{nid}.clrface_name={CLRFACE_SERVER_NAME}")
+        if node.get("class_type") == "BFRLoadIdentityModel":
+            sets.append(f"{nid}.identity_name={IDENTITY_SERVER_NAME.removeprefix('identity/')}")
         assert node.get("class_type") in object_info, f"node {nid}: unknown class_type {node.get('class_type')}"
     set_load_images(prompt, image_name)
     return apply_overrides(prompt, sets)
