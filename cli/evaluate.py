@@ -233,7 +233,8 @@ def _metric_options(ns) -> evaluate.MetricOptions:
         names = tuple(m for m in names if m != "lmd")
     return evaluate.MetricOptions(metrics=names, lpips_net=ns.lpips_net, lpips_dir=ns.lpips_dir, arcface=ns.arcface,
                                   lmd_detector=ns.detector, face_models=tuple(ns.face_models or ()),
-                                  fid_weights=ns.fid_weights, y_channel=ns.y_channel, device=str(
+                                  fid_weights=ns.fid_weights, clipiqa_weights=ns.clipiqa_weights,
+                                  clipiqa_prompts=ns.clipiqa_prompts, y_channel=ns.y_channel, device=str(
                                       resolve_device(ns.device)))
 
 
@@ -351,6 +352,10 @@ def _add_metric_args(p) -> None:
     g.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex")
     g.add_argument("--lpips-dir", help="folder with lpips v0.1 heads alex.pth / vgg.pth (default: the lpips package)")
     g.add_argument("--fid-weights", help="pytorch-fid Inception file (default: the torch hub cache)")
+    g.add_argument("--clipiqa-weights", help="CLIP RN50 state dict for CLIP-IQA (open_clip's RN50 openai "
+                                             "open_clip_model.safetensors; default: $BFR_CLIP_RN50)")
+    g.add_argument("--clipiqa-prompts", choices=["paper", "pyiqa"], default="paper",
+                   help="paper: Good/Bad photo; pyiqa: + High/Low quality, Sharp/Blurry photo (averaged)")
     g.add_argument("--fid-ref", help="reference folder for a second FID (e.g. FFHQ)")
     g.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on the BT.601 luma (default: RGB)")
     g.add_argument("--detector", choices=face_detect.BACKENDS, default="auto", help="LMD face detector")

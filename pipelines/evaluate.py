@@ -8,7 +8,8 @@ stops the run):
 - identity: ``deg`` (arccos of the ArcFace cosine, degrees) and ``ids`` (the cosine) with an arcface_torch iresnet
   file (:mod:`.arcface`), ``dlib`` (dlib descriptor distance, offline, :mod:`.identity`), ``lmd`` (mean distance
   of the 5 landmarks the face pipeline detects on the restored and the HQ face, px, :func:`.metrics.lmd`);
-- no reference: ``niqe`` (:func:`.iqa.niqe`), ``musiq`` and ``clipiqa`` (reported as not available);
+- no reference: ``niqe`` (:func:`.iqa.niqe`), ``clipiqa`` (:class:`.iqa.CLIPIQA`, with a CLIP RN50 file),
+  ``musiq`` (reported as not available, :data:`.iqa.MUSIQ_SKIP`);
 - distribution: ``fid`` against the HQ set and against a reference folder (:class:`.iqa.FID`), per method.
 
 Papers' column order (DR2 Tab. 1, FlipNet Tab. 1, DR-BFR, CLR-Face): PSNR, SSIM, LPIPS, Deg., IDS, LMD, then the
@@ -58,6 +59,8 @@ class MetricOptions:
     lmd_detector: str = "auto"
     face_models: tuple[str, ...] = ()
     fid_weights: str | None = None
+    clipiqa_weights: str | None = None
+    clipiqa_prompts: str = "paper"
     y_channel: bool = False
     device: str = "cpu"
 
@@ -78,7 +81,7 @@ class Scorer:
         self.weights: dict[str, list[dict]] = {}
         self._hq_landmarks: dict[str, np.ndarray | None] = {}
         want = set(opts.metrics)
-        self.lpips = self.arcface = self.dlib = self.fid = None
+        self.lpips = self.arcface = self.dlib = self.fid = self.clipiqa = None
         if "lpips" in want:
             self.lpips = iqa.LPIPS(opts.lpips_net, opts.lpips_dir, device=opts.device)
             self._note("lpips", self.lpips.weights, self.lpips.skipped)
@@ -88,9 +91,11 @@ class Scorer:
             self._load_dlib()
         if "niqe" in want:
             self.weights["niqe"] = [metrics.file_record(iqa.NIQE_PARAMS)]
-        for key, why in (("musiq", iqa.MUSIQ_SKIP), ("clipiqa", iqa.CLIPIQA_SKIP)):
-            if key in want:
-                self._note(key, [], iqa.unavailable(key.upper(), why).skipped)
+        if "musiq" in want:
+            self._note("musiq", [], iqa.unavailable("MUSIQ", iqa.MUSIQ_SKIP).skipped)
+        if "clipiqa" in want:
+            self.clipiqa = iqa.CLIPIQA(opts.clipiqa_weights, opts.clipiqa_prompts, device=opts.device)
+            self._note("clipiqa", self.clipiqa.weights, self.clipiqa.skipped)
         if "fid" in want:
             self.fid = iqa.FID(opts.fid_weights, device=opts.device)
             self._note("fid", self.fid.weights, self.fid.skipped)
@@ -185,6 +190,8 @@ class Scorer:
                 notes.append(f"NIQE: {r.skipped}")
             else:
                 out["niqe"] = r.value
+        if self.clipiqa is not None and self.clipiqa.available:
+            out["clipiqa"] = self.clipiqa(restored).value
         return out, notes
 
 

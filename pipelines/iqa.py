@@ -23,8 +23,12 @@ it is looked for). Nothing is downloaded, nothing heavy is imported at module im
   torchvision, no pytorch-fid at run time; features equal pytorch-fid's on the same weights) with pytorch-fid's
   ``pt_inception-2015-12-05-6726825d.pth`` (torch hub cache or a given path, layout checked key for key);
   without it FID is skipped naming the file.
-- MUSIQ and CLIP-IQA: not available in this pack (their networks and weights are not implemented offline here);
-  :func:`unavailable` reports them as skipped, so a report says so instead of leaving a gap unexplained.
+- :class:`CLIPIQA`: Wang, Chan & Loy, AAAI 2023, on CLIP RN50 (:mod:`.clipiqa`, our network code; towers equal
+  open_clip's on the same weights): softmax of the scaled cosines to "Good photo." / "Bad photo.", the image at its
+  own size without the attention pool's positional embedding. Needs a CLIP RN50 state dict (``--clipiqa-weights``
+  or ``$BFR_CLIP_RN50``), otherwise skipped naming it.
+- MUSIQ: not available in this pack (:data:`MUSIQ_SKIP` says why); :func:`unavailable` reports it as skipped, so a
+  report says so instead of leaving a gap unexplained.
 """
 
 from __future__ import annotations
@@ -83,8 +87,11 @@ def _log_skip(name: str, why: str) -> None:
     logger.warning("%s skipped: %s", name, why)
 
 
-MUSIQ_SKIP = "MUSIQ is not implemented in this pack (no offline network + weights); the other metrics still run"
-CLIPIQA_SKIP = "CLIP-IQA is not implemented in this pack (no offline network + weights); the other metrics still run"
+MUSIQ_SKIP = ("MUSIQ is not available in this pack: its network (Ke et al., ICCV 2021: multi-scale patch Transformer "
+              "with hashed 2-D spatial and scale embeddings) is not implemented here, and pyiqa (the PyTorch port that "
+              "reads musiq_koniq_ckpt-e95806b9.pth) needs torchvision, which this pack does not depend on; the other "
+              "metrics still run")
+CLIPIQA_ENV = "BFR_CLIP_RN50"
 
 
 def torch_hub_checkpoints() -> Path:
@@ -542,7 +549,51 @@ class FID:
         return self._result(self.file_features(images), self.file_features(reference))
 
 
-__all__ = ["CLIPIQA_SKIP", "FID", "FID_WEIGHTS", "LPIPS", "LPIPSNet", "LPIPS_BACKBONE_FILES", "LPIPS_HEAD_FILES",
+# ================================================================================================ CLIP-IQA
+class CLIPIQA:
+    """CLIP-IQA (Wang et al. 2023; :mod:`.clipiqa`) with a CLIP RN50 state-dict file (``weights``, else
+    ``$BFR_CLIP_RN50``), or ``skipped`` naming what is missing. ``prompts``: ``paper`` (Good/Bad photo) or ``pyiqa``
+    (pyiqa's three pairs, averaged)."""
+
+    def __init__(self, weights: str | Path | None = None, prompts: str = "paper",
+                 device: str | torch.device = "cpu"):
+        from .clipiqa import PROMPT_SETS, CLIPIQAModel, CLIPWeightsError, load_clip_rn50
+
+        if prompts not in PROMPT_SETS:
+            raise ValueError(f"CLIP-IQA prompts must be one of {sorted(PROMPT_SETS)}, got {prompts!r}")
+        self.name = "CLIP-IQA" if prompts == "paper" else f"CLIP-IQA ({prompts} prompts)"
+        self.skipped, self.weights, self.model = None, [], None
+        self.device = torch.device(device)
+        given = weights or os.environ.get(CLIPIQA_ENV)
+        if not given:
+            self.skipped = ("CLIP-IQA needs CLIP RN50 weights as a state dict: open_clip's RN50 'openai' file "
+                            "open_clip_model.safetensors (Hugging Face timm/resnet50_clip.openai) or a state dict "
+                            f"of OpenAI's RN50.pt; pass --clipiqa-weights FILE or set ${CLIPIQA_ENV}")
+        elif not Path(given).is_file():
+            self.skipped = f"CLIP-IQA: the CLIP RN50 weights {given} do not exist"
+        else:
+            try:
+                self.model = CLIPIQAModel(load_clip_rn50(given), prompts).to(self.device)
+            except CLIPWeightsError as exc:
+                self.skipped = str(exc)
+        if self.skipped:
+            _log_skip(self.name, self.skipped)
+            return
+        self.weights = [file_record(given)]
+
+    @property
+    def available(self) -> bool:
+        return self.model is not None
+
+    def __call__(self, image) -> MetricResult:
+        """CLIP-IQA of one (H, W, 3) image (uint8 or float [0, 1]) at its own size; higher is better."""
+        if self.model is None:
+            return MetricResult(self.name, skipped=self.skipped)
+        with torch.inference_mode():
+            return MetricResult(self.name, float(self.model(_as_nchw(image).to(self.device))[0]), list(self.weights))
+
+
+__all__ = ["CLIPIQA", "CLIPIQA_ENV", "FID", "FID_WEIGHTS", "LPIPS", "LPIPSNet", "LPIPS_BACKBONE_FILES", "LPIPS_HEAD_FILES",
            "MUSIQ_SKIP", "MetricResult", "NIQE_PARAMS", "feature_statistics", "frechet_distance",
            "frechet_distance_features",
            "gaussian_window_2d", "imresize_matlab", "lpips_head_candidates", "niqe", "niqe_features",

@@ -30,7 +30,8 @@ MARKER="$VENV/.bfr-setup-done"
 
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 EXTRA=(requests pytest diffusers transformers peft safetensors kornia opencv-python-headless pillow numpy scipy
-       scikit-image accelerate playwright dlib-bin face-recognition-models pytorch-fid)
+       scikit-image accelerate playwright dlib-bin face-recognition-models pytorch-fid
+       open_clip_torch)
 
 stamp() {
   {
