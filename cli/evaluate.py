@@ -33,8 +33,8 @@ from ..pipelines.testset import TestSet, make_testset, read_testset
 from ..sd.loader import load_model
 from .args import add_dataclass_arguments, add_dr2_options, dataclass_from_namespace
 from .client import ComfyClient, ComfyError, apply_overrides, load_api_prompt, set_load_images
-from .folders import (DRBFRRestoreConfig, RestoreConfig, dr2_crop_restorer, drbfr_crop_restorer, flipnet_crop_restorer,
-                      model_identity, resolve_device)
+from .folders import (CLRFaceRestoreConfig, DRBFRRestoreConfig, RestoreConfig, clrface_crop_restorer, dr2_crop_restorer,
+                      drbfr_crop_restorer, flipnet_crop_restorer, model_identity, resolve_device)
 
 logger = logging.getLogger("bfr")
 
@@ -80,7 +80,8 @@ def _dr2_describe(ns) -> dict:
 
 
 def _checkpoint_method(name: str, help_text: str, config_cls, crop_restorer) -> MethodSpec:
-    """A method run from a file this pack trained, configured by a dataclass of cli/folders.py (FlipNet, DR-BFR)."""
+    """A method run from files this pack trained, configured by a dataclass of cli/folders.py (FlipNet, DR-BFR,
+    CLR-Face)."""
 
     def config(ns):
         return dataclass_from_namespace(config_cls, ns, size=ns.size or 512, input="", out_dir="")
@@ -107,6 +108,9 @@ METHODS: dict[str, MethodSpec] = {
                                   RestoreConfig, flipnet_crop_restorer),
     "drbfr": _checkpoint_method("drbfr", "DR-BFR (--checkpoint drbfr.safetensors)", DRBFRRestoreConfig,
                                 drbfr_crop_restorer),
+    "clrface": _checkpoint_method("clrface", "CLR-Face (x_id from --init dr2|lq, --checkpoint clrface.safetensors, "
+                                  "--identity-model backbone.pth, --mask)", CLRFaceRestoreConfig,
+                                  clrface_crop_restorer),
 }
 
 

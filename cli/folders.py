@@ -8,6 +8,7 @@ degrade`` (:func:`synthesize_degraded`, sharded across ``accelerate launch`` / t
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -18,9 +19,15 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
+from ..lora.id_mask import load_mask_checkpoint
+from ..lora.irn import load_irn_checkpoint
+from ..lora.ldrm import ConcatConvIn
 from ..pipelines import dr2
+from ..pipelines.arcface import ALIGNS, load_identity_model
+from ..pipelines.clrface import PAPER_STEPS, CLRFaceConfig, CLRFacePipeline
 from ..pipelines.drbfr import DRBFRPipeline, DRBFRSampleConfig
 from ..pipelines.flipnet import FlipNetPipeline, FlipNetSampleConfig
+from ..pipelines.irn import run_irn
 from ..pipelines.image_io import (IMAGE_EXTENSIONS, ImageFolderError, is_image_file, list_images, load_image,
                                   prepare_output_folder, save_png)
 from ..sd.loader import DEFAULT_REPO, ENV_REPO, SDModel, load_components, load_model, resolve_base_model
@@ -180,6 +187,161 @@ def drbfr_crop_restorer(cfg: DRBFRRestoreConfig, pipeline: DRBFRPipeline | None 
     def restore(crops: np.ndarray) -> np.ndarray:
         return np.concatenate([pipe(x.float(), cfg.sample_config(cfg.seed + start)).permute(0, 2, 3, 1).cpu().numpy()
                                for start, x in _chunks(crops, cfg.batch_size)])
+
+    return restore
+
+
+CLRFACE_INITS = ("dr2", "irn", "lq")
+
+
+@dataclass
+class CLRFaceRestoreConfig(_SDRunConfig):
+    """``bfr restore --method clrface INPUT OUT_DIR``: CLR-Face refinement of aligned face crops (CLR-Face §3.2-3.3 on
+    SD2.1): x_id from ``--init`` (DR2 on the LQ face, the LQ face itself, or a folder of any restorer's outputs),
+    E(x_id) noised to sigma_start, Heun with the masked identity guidance toward f_arc(x_id)."""
+
+    num_inference_steps: int = _h("Heun steps after sigma_start (paper 40; two model calls each)", PAPER_STEPS)
+    input: str = _h("an aligned LQ face image or a folder of them", "")
+    out_dir: str = _h("output folder (<stem>.png per input)", "")
+    checkpoint: str = _h("CLR-Face conditional denoiser .safetensors (bfr_format clrface/1, from `bfr train "
+                         "clr-face`); empty: the plain SD 2.1 prior refines (not the paper's conditional denoiser)", "")
+    identity_model: str = _h("ArcFace-style iresnet weights (arcface_torch backbone.pth or .safetensors) for the "
+                             "identity guidance; mind their licence. Needed unless --guidance-scale 0", "")
+    identity_align: str = _h("template: FFHQ crop -> ArcFace template warp | resize: whole crop to 112 px", "template")
+    mask: str = _h("learned identity mask (clrface-mask/1, `bfr train id-mask`); empty: uniform mask = plain "
+                   "classifier guidance", "")
+    init: str = _h("initial estimate x_id: dr2 (DR2 on the LQ face, --dr2-* options) | irn (the IRN of --irn, Eq. "
+                   "11) | lq (the LQ face itself) | a folder of x_id images named like the inputs (any restorer's "
+                   "output)", "dr2")
+    irn: str = _h("Identity Recovery Network for --init irn (clrface-irn/1, `bfr train irn`)", "")
+    dr2_n: float = _h("DR2 low-pass factor N for --init dr2 (latent px)", 2.0)
+    dr2_tau: int = _h("DR2 output level tau for --init dr2", 35)
+    dr2_steps: int = _h("DR2 respaced steps T for --init dr2", 100)
+    denoise: float = _h("where refinement starts (BasicScheduler's denoise: 1 = pure noise at sigma_max; 0.5 = the last "
+                        "steps of 2x steps Karras levels)", 0.5)
+    guidance_scale: float = _h("identity guidance scale s (D - s M grad L_arc; 0 = unguided Heun)", 1.0)
+    prompt: str = _h("text prompt (default empty, as the denoiser is trained)", "")
+    batch_size: int = _h("images per sampling batch", 1)
+    seed: int = _h("seed (image i uses seed + i)", 0)
+    device: str = _h("auto | cpu | cuda | cuda:N", "auto")
+
+    def validate(self) -> None:
+        for name in ("input", "out_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"restore --method clrface: --{name.replace('_', '-')} is required.")
+        self.check_settings()
+
+    def check_settings(self) -> None:
+        """Everything but the input/output folders (what ``bfr eval`` and whole photos also need)."""
+        self._check_sampling("clrface", self.batch_size)
+        if self.guidance_scale > 0 and not self.identity_model:
+            raise ValueError("restore --method clrface: the identity guidance needs --identity-model FILE (an "
+                             "arcface_torch iresnet backbone.pth); or pass --guidance-scale 0 for unguided Heun.")
+        if self.identity_align not in ALIGNS:
+            raise ValueError(f"--identity-align must be one of {', '.join(ALIGNS)}, got {self.identity_align!r}.")
+        if self.init not in CLRFACE_INITS and not Path(self.init).is_dir():
+            raise ValueError(f"--init {self.init!r}: use dr2, irn, lq, or a folder of x_id images named like the "
+                             "inputs.")
+        if (self.init == "irn") != bool(self.irn):
+            raise ValueError("--init irn and --irn FILE (a clrface-irn/1 file from `bfr train irn`) go together.")
+        CLRFaceConfig(self.num_inference_steps, self.denoise, self.guidance_scale, self.seed)
+        self.dr2_config(0).validate()
+
+    def dr2_config(self, seed: int) -> dr2.DR2Config:
+        return dr2.DR2Config(n=self.dr2_n, tau=self.dr2_tau, steps=self.dr2_steps, seed=seed)
+
+    def sample_config(self, seed: int) -> CLRFaceConfig:
+        return CLRFaceConfig(steps=self.num_inference_steps, denoise=self.denoise,
+                             guidance_scale=self.guidance_scale, seed=seed)
+
+
+@dataclass
+class CLRFaceRunner:
+    """The loaded CLR-Face models: the pipeline and, for ``--init dr2``, DR2 on the plain SD2.1 UNet (a copy is kept
+    when a clrface/1 file patches the pipeline's UNet)."""
+
+    pipeline: CLRFacePipeline
+    dr2_model: SDModel | None
+    irn: torch.nn.Module | None = None
+
+    def initial_estimate(self, lq: torch.Tensor, cfg: CLRFaceRestoreConfig, seed: int) -> torch.Tensor:
+        """x_id for ``--init dr2`` / ``irn`` / ``lq`` (a folder is read by the caller)."""
+        if cfg.init == "lq":
+            return lq
+        with torch.no_grad():
+            if cfg.init == "irn":
+                return run_irn(self.irn, lq, cfg.batch_size)
+            return dr2.restore(self.dr2_model, lq, cfg.dr2_config(seed)).images.float().cpu()
+
+    def __call__(self, lq: torch.Tensor, x_id: torch.Tensor, cfg: CLRFaceRestoreConfig, seed: int) -> torch.Tensor:
+        device = next(self.pipeline.unet.parameters()).device
+        lq_images = lq.to(device) if isinstance(self.pipeline.unet.conv_in, ConcatConvIn) else None
+        return self.pipeline(x_id.to(device), cfg.sample_config(seed), lq_images=lq_images).images.float().cpu()
+
+
+def clrface_runner(cfg: CLRFaceRestoreConfig, components: dict | None = None) -> CLRFaceRunner:
+    """SD 2.1-base components + the clrface/1 file, identity model and mask of ``cfg``."""
+    device = resolve_device(cfg.device)
+    comps = components or load_components(cfg.base_model, tokenizer=cfg.tokenizer, download=cfg.download,
+                                          repo_id=cfg.repo, device=device)
+    dr2_model = None
+    if cfg.init == "dr2":
+        unet = copy.deepcopy(comps["unet"]) if cfg.checkpoint else comps["unet"]
+        sched = comps["scheduler"]
+        dr2_model = SDModel(unet=unet, vae=comps["vae"], alphas_cumprod=sched.alphas_cumprod.double(),
+                            prediction_type=sched.config.prediction_type, source="clrface --init dr2")
+    identity = (load_identity_model(cfg.identity_model, device=device, align=cfg.identity_align)
+                if cfg.identity_model and cfg.guidance_scale > 0 else None)
+    mask = load_mask_checkpoint(cfg.mask).mask.to(device) if cfg.mask else None
+    irn = load_irn_checkpoint(cfg.irn).net.to(device).eval() if cfg.init == "irn" else None
+    pipe = CLRFacePipeline.from_components(comps, cfg.checkpoint or None, identity, mask, cfg.prompt)
+    return CLRFaceRunner(pipe, dr2_model, irn)
+
+
+def _x_id_file(folder: Path, stem: str) -> Path:
+    found = [p for p in sorted(folder.iterdir()) if p.stem == stem and is_image_file(p)]
+    if not found:
+        raise ImageFolderError(f"--init {folder}: no x_id image named {stem}.* for input {stem}; name each initial "
+                               "estimate like its input.")
+    return found[0]
+
+
+def restore_clrface(cfg: CLRFaceRestoreConfig, runner: CLRFaceRunner | None = None) -> list[Path]:
+    """``bfr restore --method clrface``: every image of ``cfg.input`` -> ``cfg.out_dir/<stem>.png`` (x_id of each
+    input from ``--init``)."""
+    cfg.validate()
+    files, out_dir = _input_files(cfg)
+    init_dir = Path(cfg.init) if cfg.init not in CLRFACE_INITS else None
+    x_id_files = [_x_id_file(init_dir, p.stem) for p in files] if init_dir else None  # fail before loading
+    run = runner or clrface_runner(cfg)
+
+    def restore(batch: torch.Tensor, seed: int) -> torch.Tensor:
+        if x_id_files is None:
+            x_id = run.initial_estimate(batch, cfg, seed)
+        else:
+            start = seed - cfg.seed
+            x_id = torch.stack([load_image(p, cfg.size) for p in x_id_files[start:start + batch.shape[0]]])
+        return run(batch, x_id, cfg, seed)
+
+    return _restore_files(cfg, files, out_dir, restore)
+
+
+def clrface_crop_restorer(cfg: CLRFaceRestoreConfig, runner: CLRFaceRunner | None = None):
+    """CLR-Face as a crop restorer (x_id from ``--init dr2 | lq``), ``cfg.batch_size`` crops per batch, crop i seeded
+    ``cfg.seed + i``."""
+    cfg.check_settings()
+    if cfg.init not in CLRFACE_INITS:
+        raise ValueError(f"--init {cfg.init}: whole photos and bfr eval compute x_id themselves; use --init dr2, irn "
+                         "or lq.")
+    run = runner or clrface_runner(cfg)
+
+    def restore(crops: np.ndarray) -> np.ndarray:
+        outs = []
+        for start, x in _chunks(crops, cfg.batch_size):
+            x = x.float()
+            outs.append(run(x, run.initial_estimate(x, cfg, cfg.seed + start), cfg, cfg.seed + start)
+                        .permute(0, 2, 3, 1).numpy())
+        return np.concatenate(outs)
 
     return restore
 

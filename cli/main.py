@@ -30,8 +30,9 @@ from .analyze_dr import add_analyze_dr
 from .client import run_workflow
 from .demo import run_demo
 from .dr2_auto import add_auto_args, add_calibrate_dr2, restore_dr2_auto
-from .folders import (DRBFRRestoreConfig, RestoreConfig, SynthesizeConfig, dr2_crop_restorer, drbfr_crop_restorer,
-                      flipnet_crop_restorer, model_identity, resolve_device, restore_dr2, restore_drbfr,
+from .folders import (CLRFaceRestoreConfig, DRBFRRestoreConfig, RestoreConfig, SynthesizeConfig, clrface_crop_restorer,
+                      dr2_crop_restorer, drbfr_crop_restorer, flipnet_crop_restorer, model_identity, resolve_device,
+                      restore_clrface, restore_dr2, restore_drbfr,
                       restore_flipnet, synthesize_degraded)
 from .evaluate import add_eval, add_make_testset, add_sweep
 from .photos import FACES_CHOICES, PhotoOptions, restore_photo_folder
@@ -170,6 +171,14 @@ _PHOTO_DEFAULTS = {"face_order": "area", "min_face": 32, "max_faces": 0, "detect
                    "feather": 1.0, "save_crops": False, "no_resume": False}
 
 
+# methods configured by a dataclass of cli/folders.py: (config, crop restorer for --faces, folder restorer)
+CONFIGURED_METHODS = {"flipnet": (RestoreConfig, flipnet_crop_restorer, restore_flipnet),
+                      "drbfr": (DRBFRRestoreConfig, drbfr_crop_restorer, restore_drbfr),
+                      "clrface": (CLRFaceRestoreConfig, clrface_crop_restorer, restore_clrface)}
+# run options that do not change the restored faces (left out of the photo report's identity: resume across them)
+_NOT_IN_IDENTITY = ("input", "out_dir", "base_model", "tokenizer", "download", "repo", "device", "batch_size", "size")
+
+
 def _cmd_restore(args: argparse.Namespace) -> int:
     out = _restore_out(args)
     if args.faces is not None:
@@ -178,12 +187,10 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     if given:
         raise ValueError(f"--{given[0].replace('_', '-')} is a whole-photo option; add --faces {FACES_CHOICES} "
                          "(without --faces the inputs are aligned face crops)")
-    if args.method in ("flipnet", "drbfr"):
+    if args.method in CONFIGURED_METHODS:
         args.input, args.out_dir = args.image, out
-        if args.method == "flipnet":
-            written = restore_flipnet(dataclass_from_namespace(RestoreConfig, args))
-        else:
-            written = restore_drbfr(dataclass_from_namespace(DRBFRRestoreConfig, args))
+        cls, _crop, restore_folder = CONFIGURED_METHODS[args.method]
+        written = restore_folder(dataclass_from_namespace(cls, args))
         logger.info("restored %d image(s) into %s", len(written), out)
         return 0
     if getattr(args, "auto", None):
@@ -200,31 +207,19 @@ def _cmd_restore_photos(args: argparse.Namespace, out: str) -> int:
     """``bfr restore --faces ... PHOTOS OUT``: whole photos through :func:`.photos.restore_photo_folder`."""
     device = resolve_device(args.device)
     models: list = []
-    if args.method == "flipnet":
+    if args.method in CONFIGURED_METHODS:
         args.input, args.out_dir = args.image, out
-        cfg = dataclass_from_namespace(RestoreConfig, args)
+        cls, crop_restorer, _folder = CONFIGURED_METHODS[args.method]
+        cfg = dataclass_from_namespace(cls, args)
         cfg.validate()
         crop_size = cfg.size
-        identity = {"method": "flipnet", "model": model_identity(cfg.base_model, cfg.download, cfg.repo),
-                    "checkpoint": str(os.path.abspath(cfg.checkpoint)), "phi": cfg.phi, "prompt": cfg.prompt,
-                    "negative_prompt": cfg.negative_prompt, "num_inference_steps": cfg.num_inference_steps,
-                    "guidance_scale": cfg.guidance_scale, "t_y_policy": cfg.t_y_policy, "t_y": cfg.t_y,
-                    "seed": cfg.seed}
+        identity = {"method": args.method, "model": model_identity(cfg.base_model, cfg.download, cfg.repo),
+                    **{k: v for k, v in vars(cfg).items() if k not in _NOT_IN_IDENTITY}}
+        if cfg.checkpoint:
+            identity["checkpoint"] = str(os.path.abspath(cfg.checkpoint))
 
         def make():
-            return flipnet_crop_restorer(cfg)
-    elif args.method == "drbfr":
-        args.input, args.out_dir = args.image, out
-        cfg = dataclass_from_namespace(DRBFRRestoreConfig, args)
-        cfg.validate()
-        crop_size = cfg.size
-        identity = {"method": "drbfr", "model": model_identity(cfg.base_model, cfg.download, cfg.repo),
-                    "checkpoint": str(os.path.abspath(cfg.checkpoint)), "prompt": cfg.prompt,
-                    "negative_prompt": cfg.negative_prompt, "num_inference_steps": cfg.num_inference_steps,
-                    "guidance_scale": cfg.guidance_scale, "use_dr_prompt": cfg.use_dr_prompt, "seed": cfg.seed}
-
-        def make():
-            return drbfr_crop_restorer(cfg)
+            return crop_restorer(cfg)
     else:
         cfg = dr2.DR2Config(n=args.n, tau=args.tau, omega=args.omega, steps=args.steps, space=args.space,
                             seed=args.seed)
@@ -297,17 +292,19 @@ def _add_photo_args(p) -> None:
 
 def _add_restore(sub, argv: list[str]) -> None:
     method = _option_value(argv, "--method", "dr2") if _positionals(argv)[:1] == ["restore"] else "dr2"
-    p = sub.add_parser("restore", help="restore aligned faces, or whole photos with --faces: --method dr2 | flipnet | drbfr",
-                       usage="bfr restore INPUT OUT [--method dr2|flipnet|drbfr] [--faces WHICH] [options]",
+    p = sub.add_parser("restore", help="restore aligned faces, or whole photos with --faces: --method dr2 | flipnet | drbfr | "
+                            "clrface",
+                       usage="bfr restore INPUT OUT [--method dr2|flipnet|drbfr|clrface] [--faces WHICH] [options]",
                        description="Restore faces: aligned face crops (a file or folder), or with --faces the faces "
                                    "of whole photos. The options depend on --method; see `bfr restore --method "
-                                   "flipnet --help` for FlipNet's, `--method drbfr --help` for DR-BFR's.")
+                                   "flipnet --help` for FlipNet's, `--method drbfr --help` for DR-BFR's, `--method clrface "
+                                   "--help` for CLR-Face's.")
     p.add_argument("image", metavar="INPUT", help="image file or folder: aligned face crops, or whole photos with "
                                                   "--faces")
     p.add_argument("out_dir", metavar="OUT", nargs="?", default=None,
                    help="output file (one aligned face, dr2) or folder (the same as --out)")
     p.add_argument("--out", default=None, help="output (the same as OUT)")
-    p.add_argument("--method", choices=["dr2", "flipnet", "drbfr"], default="dr2", help="restoration method")
+    p.add_argument("--method", choices=["dr2", *CONFIGURED_METHODS], default="dr2", help="restoration method")
     p.set_defaults(func=_cmd_restore)
     _add_photo_args(p)
     if method == "flipnet":
@@ -316,6 +313,9 @@ def _add_restore(sub, argv: list[str]) -> None:
         return
     if method == "drbfr":
         add_dataclass_arguments(p, DRBFRRestoreConfig, skip=("input", "out_dir"))
+        return
+    if method == "clrface":
+        add_dataclass_arguments(p, CLRFaceRestoreConfig, skip=("input", "out_dir"))
         return
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE first (e.g. 512); with --faces: "
@@ -333,7 +333,7 @@ class _NotForDR2(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} is a FlipNet checkpoint (a file this pack trained); DR2 is training-free. "
-                     f"Pass SD 2.1-base with --base-model {values}, or use --method flipnet|drbfr --checkpoint FILE.")
+                     f"Pass SD 2.1-base with --base-model {values}, or use --method flipnet|drbfr|clrface --checkpoint FILE.")
 
 
 # ------------------------------------------------------------------------------------------- train, synthesize

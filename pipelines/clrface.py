@@ -43,10 +43,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..lora.cond_checkpoint import CLRFACE_FORMAT, apply_conditional_checkpoint, read_conditional_checkpoint
 from ..lora.id_mask import IdentityMask
 from ..lora.ldrm import ConcatConvIn, concat_unet_eps
 from ..sd import vae as codec
 from ..sd.diffusion import sd_alphas_cumprod, sigmas_from_alphas_cumprod
+from ..sd.loader import encode_prompts
 from .arcface import IdentityModel, cosine
 
 logger = logging.getLogger(__name__)
@@ -357,6 +359,25 @@ class CLRFacePipeline:
         dim = int(getattr(getattr(unet, "config", None), "cross_attention_dim", 1024) or 1024)
         self.context = torch.zeros(1, 77, dim) if context is None else context  # null prompt
         self.prediction_type = prediction_type
+
+    @classmethod
+    def from_components(cls, components: dict, checkpoint: str | None = None, identity: IdentityModel | None = None,
+                        mask: IdentityMask | None = None, prompt: str = "") -> CLRFacePipeline:
+        """SD2.1-base components (``sd.loader.load_components``: UNet, VAE, text encoder, tokenizer, scheduler) and,
+        when given, a ``clrface/1`` file: its LoRA and widened conv_in are added to ``components['unet']`` IN PLACE
+        (the conditional denoiser; without a file the plain SD2.1 prior refines). The context is the text encoder's
+        encoding of ``prompt`` (empty: what ``bfr train clr-face`` drops captions to, and ComfyUI's empty
+        CLIPTextEncode)."""
+        unet = components["unet"]
+        if checkpoint:
+            apply_conditional_checkpoint(unet, read_conditional_checkpoint(checkpoint, CLRFACE_FORMAT))
+        p = next(unet.parameters())
+        unet.to(p.device).eval()
+        with torch.no_grad():
+            context = encode_prompts(components["tokenizer"], components["text_encoder"], [prompt]).to(p.device)
+        sched = components["scheduler"]
+        return cls(unet, components["vae"], identity, mask, context, alphas_cumprod=sched.alphas_cumprod,
+                   prediction_type=sched.config.prediction_type)
 
     def sigmas(self, cfg: CLRFaceConfig) -> torch.Tensor:
         return start_sigmas(cfg.steps, cfg.denoise, float(self.sigma_table[0]), float(self.sigma_table[-1]),
