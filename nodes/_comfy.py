@@ -149,4 +149,7 @@ def model_files(folder: str = BFR_FOLDER) -> list[str]:
         return []
     if folder in (BFR_FOLDER, FACE_FOLDER, IDENTITY_FOLDER):
         register_model_folder()
-    return fp.filter_files_extensions(fp.get_filename_list(folder), fp.supported_pt_extensions)
+    files = fp.filter_files_extensions(fp.get_filename_list(folder), fp.supported_pt_extensions)
+    if folder == BFR_FOLDER:  # models/bfr/identity belongs to BFR Load Identity Model, not the pack's own files
+        files = [f for f in files if not f.replace("\\", "/").startswith("identity/")]
+    return files

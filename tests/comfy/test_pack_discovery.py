@@ -34,6 +34,8 @@ def test_model_files_lists_only_weight_files(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"x")
     (tmp_path / "old.pth").write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("not a weight file")
+    (tmp_path / "identity" / "r50").mkdir(parents=True)
+    (tmp_path / "identity" / "r50" / "backbone.pth").write_bytes(b"x")
     folder_paths.add_model_folder_path(_comfy.BFR_FOLDER, str(tmp_path))
     _comfy.register_model_folder()
     _comfy.register_model_folder()  # idempotent
@@ -41,6 +43,8 @@ def test_model_files_lists_only_weight_files(tmp_path):
     assert str(tmp_path) in paths and paths.count(str(Path(folder_paths.models_dir) / "bfr")) == 1, paths
     files = _comfy.model_files()
     assert "weights.safetensors" in files and "old.pth" in files and "notes.txt" not in files, files
+    # an identity backbone under models/bfr/identity is offered by BFR Load Identity Model only
+    assert not [f for f in files if "backbone.pth" in f], files
 
 
 def test_workflows_are_listed_as_templates(comfy_server):
