@@ -238,7 +238,8 @@ def _metric_options(ns) -> evaluate.MetricOptions:
     return evaluate.MetricOptions(metrics=names, lpips_net=ns.lpips_net, lpips_dir=ns.lpips_dir, arcface=ns.arcface,
                                   lmd_detector=ns.detector, face_models=tuple(ns.face_models or ()),
                                   fid_weights=ns.fid_weights, clipiqa_weights=ns.clipiqa_weights,
-                                  clipiqa_prompts=ns.clipiqa_prompts, y_channel=ns.y_channel, device=str(
+                                  clipiqa_prompts=ns.clipiqa_prompts, musiq_weights=ns.musiq_weights,
+                                  musiq_dataset=ns.musiq_dataset, y_channel=ns.y_channel, device=str(
                                       resolve_device(ns.device)))
 
 
@@ -360,6 +361,10 @@ def _add_metric_args(p) -> None:
                                              "open_clip_model.safetensors; default: $BFR_CLIP_RN50)")
     g.add_argument("--clipiqa-prompts", choices=["paper", "pyiqa"], default="paper",
                    help="paper: Good/Bad photo; pyiqa: + High/Low quality, Sharp/Blurry photo (averaged)")
+    g.add_argument("--musiq-weights", help="pyiqa MUSIQ file, e.g. musiq_koniq_ckpt-e95806b9.pth (default: $BFR_MUSIQ, "
+                                           "then pyiqa's cache $TORCH_HOME/hub/pyiqa)")
+    g.add_argument("--musiq-dataset", choices=["koniq", "spaq", "paq2piq", "ava"], default="koniq",
+                   help="which pyiqa MUSIQ release file to look for in pyiqa's cache (koniq = pyiqa's 'musiq')")
     g.add_argument("--fid-ref", help="reference folder for a second FID (e.g. FFHQ)")
     g.add_argument("--y-channel", action="store_true", help="PSNR/SSIM on the BT.601 luma (default: RGB)")
     g.add_argument("--detector", choices=face_detect.BACKENDS, default="auto", help="LMD face detector")

@@ -9,7 +9,7 @@ stops the run):
   file (:mod:`.arcface`), ``dlib`` (dlib descriptor distance, offline, :mod:`.identity`), ``lmd`` (mean distance
   of the 5 landmarks the face pipeline detects on the restored and the HQ face, px, :func:`.metrics.lmd`);
 - no reference: ``niqe`` (:func:`.iqa.niqe`), ``clipiqa`` (:class:`.iqa.CLIPIQA`, with a CLIP RN50 file),
-  ``musiq`` (reported as not available, :data:`.iqa.MUSIQ_SKIP`);
+  ``musiq`` (:class:`.iqa.MUSIQ`, with one of pyiqa's MUSIQ files);
 - distribution: ``fid`` against the HQ set and against a reference folder (:class:`.iqa.FID`), per method.
 
 Papers' column order (DR2 Tab. 1, FlipNet Tab. 1, DR-BFR, CLR-Face): PSNR, SSIM, LPIPS, Deg., IDS, LMD, then the
@@ -61,6 +61,8 @@ class MetricOptions:
     fid_weights: str | None = None
     clipiqa_weights: str | None = None
     clipiqa_prompts: str = "paper"
+    musiq_weights: str | None = None
+    musiq_dataset: str = "koniq"
     y_channel: bool = False
     device: str = "cpu"
 
@@ -81,7 +83,7 @@ class Scorer:
         self.weights: dict[str, list[dict]] = {}
         self._hq_landmarks: dict[str, np.ndarray | None] = {}
         want = set(opts.metrics)
-        self.lpips = self.arcface = self.dlib = self.fid = self.clipiqa = None
+        self.lpips = self.arcface = self.dlib = self.fid = self.clipiqa = self.musiq = None
         if "lpips" in want:
             self.lpips = iqa.LPIPS(opts.lpips_net, opts.lpips_dir, device=opts.device)
             self._note("lpips", self.lpips.weights, self.lpips.skipped)
@@ -92,7 +94,8 @@ class Scorer:
         if "niqe" in want:
             self.weights["niqe"] = [metrics.file_record(iqa.NIQE_PARAMS)]
         if "musiq" in want:
-            self._note("musiq", [], iqa.unavailable("MUSIQ", iqa.MUSIQ_SKIP).skipped)
+            self.musiq = iqa.MUSIQ(opts.musiq_weights, opts.musiq_dataset, device=opts.device)
+            self._note("musiq", self.musiq.weights, self.musiq.skipped)
         if "clipiqa" in want:
             self.clipiqa = iqa.CLIPIQA(opts.clipiqa_weights, opts.clipiqa_prompts, device=opts.device)
             self._note("clipiqa", self.clipiqa.weights, self.clipiqa.skipped)
@@ -190,6 +193,8 @@ class Scorer:
                 notes.append(f"NIQE: {r.skipped}")
             else:
                 out["niqe"] = r.value
+        if self.musiq is not None and self.musiq.available:
+            out["musiq"] = self.musiq(restored).value
         if self.clipiqa is not None and self.clipiqa.available:
             out["clipiqa"] = self.clipiqa(restored).value
         return out, notes

@@ -27,8 +27,10 @@ it is looked for). Nothing is downloaded, nothing heavy is imported at module im
   open_clip's on the same weights): softmax of the scaled cosines to "Good photo." / "Bad photo.", the image at its
   own size without the attention pool's positional embedding. Needs a CLIP RN50 state dict (``--clipiqa-weights``
   or ``$BFR_CLIP_RN50``), otherwise skipped naming it.
-- MUSIQ: not available in this pack (:data:`MUSIQ_SKIP` says why); :func:`unavailable` reports it as skipped, so a
-  report says so instead of leaving a gap unexplained.
+- :class:`MUSIQ`: Ke et al., ICCV 2021, multi-scale patch Transformer (:mod:`.musiq`, our network code; scores equal
+  pyiqa's on the same weights) with one of pyiqa's release files (default ``musiq_koniq_ckpt-e95806b9.pth``:
+  ``--musiq-weights``, ``$BFR_MUSIQ`` or pyiqa's cache ``$TORCH_HOME/hub/pyiqa``); without one it is skipped with
+  :data:`MUSIQ_SKIP` naming the file and those places.
 """
 
 from __future__ import annotations
@@ -87,10 +89,10 @@ def _log_skip(name: str, why: str) -> None:
     logger.warning("%s skipped: %s", name, why)
 
 
-MUSIQ_SKIP = ("MUSIQ is not available in this pack: its network (Ke et al., ICCV 2021: multi-scale patch Transformer "
-              "with hashed 2-D spatial and scale embeddings) is not implemented here, and pyiqa (the PyTorch port that "
-              "reads musiq_koniq_ckpt-e95806b9.pth) needs torchvision, which this pack does not depend on; the other "
-              "metrics still run")
+MUSIQ_SKIP = ("MUSIQ is not available: it needs pyiqa's MUSIQ weights {file} (the {dataset} model), looked for as "
+              "--musiq-weights FILE, ${env} and in pyiqa's cache {cache}; copy it there from a machine that has it "
+              "(pyiqa downloads it on first use of its 'musiq' metric); the other metrics still run")
+MUSIQ_ENV = "BFR_MUSIQ"
 CLIPIQA_ENV = "BFR_CLIP_RN50"
 
 
@@ -98,6 +100,12 @@ def torch_hub_checkpoints() -> Path:
     """``$TORCH_HOME/hub/checkpoints`` (default ``~/.cache/torch/hub/checkpoints``): where torchvision keeps its
     downloaded weights. Only looked at, never downloaded into."""
     return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def pyiqa_cache() -> Path:
+    """``$TORCH_HOME/hub/pyiqa`` (default ``~/.cache/torch/hub/pyiqa``): where pyiqa keeps the weight files it
+    downloads. Only looked at, never downloaded into."""
+    return Path(torch.hub.get_dir()) / "pyiqa"
 
 
 # ================================================================================================ NIQE
@@ -593,8 +601,57 @@ class CLIPIQA:
             return MetricResult(self.name, float(self.model(_as_nchw(image).to(self.device))[0]), list(self.weights))
 
 
+# ================================================================================================ MUSIQ
+class MUSIQ:
+    """MUSIQ (Ke et al., ICCV 2021; :mod:`.musiq`) with one of pyiqa's MUSIQ files: ``weights``, else ``$BFR_MUSIQ``,
+    else ``<pyiqa cache>/<release file of dataset>`` (``dataset``: koniq (pyiqa's ``musiq``), spaq, paq2piq, ava);
+    ``skipped`` names the file and those places when none is there or it is not in pyiqa's layout. The score's scale
+    is the training set's (KonIQ / SPAQ / PaQ-2-PiQ: MOS ~0-100, AVA: 1-10); the report names the file."""
+
+    name = "MUSIQ"
+
+    def __init__(self, weights: str | Path | None = None, dataset: str = "koniq",
+                 device: str | torch.device = "cpu"):
+        from .musiq import MUSIQ_FILES, MUSIQWeightsError, load_musiq
+
+        if dataset not in MUSIQ_FILES:
+            raise ValueError(f"MUSIQ dataset must be one of {sorted(MUSIQ_FILES)}, got {dataset!r}")
+        self.skipped, self.weights, self.model = None, [], None
+        self.device = torch.device(device)
+        given = weights or os.environ.get(MUSIQ_ENV)
+        path = Path(given) if given else pyiqa_cache() / MUSIQ_FILES[dataset]
+        if not path.is_file():
+            if given:
+                self.skipped = f"MUSIQ: the weights {path} do not exist" + (
+                    "" if weights else f" (from ${MUSIQ_ENV})")
+            else:
+                self.skipped = MUSIQ_SKIP.format(file=MUSIQ_FILES[dataset], dataset=dataset, env=MUSIQ_ENV,
+                                                 cache=pyiqa_cache())
+        else:
+            try:
+                self.model = load_musiq(path).to(self.device)
+            except MUSIQWeightsError as exc:
+                self.skipped = str(exc)
+        if self.skipped:
+            _log_skip(self.name, self.skipped)
+            return
+        self.weights = [file_record(path)]
+
+    @property
+    def available(self) -> bool:
+        return self.model is not None
+
+    def __call__(self, image) -> MetricResult:
+        """MUSIQ of one (H, W, 3) image (uint8 or float [0, 1]) at its own size plus the 224 / 384 px resizes;
+        higher is better."""
+        if self.model is None:
+            return MetricResult(self.name, skipped=self.skipped)
+        with torch.inference_mode():
+            return MetricResult(self.name, float(self.model(_as_nchw(image).to(self.device))[0]), list(self.weights))
+
+
 __all__ = ["CLIPIQA", "CLIPIQA_ENV", "FID", "FID_WEIGHTS", "LPIPS", "LPIPSNet", "LPIPS_BACKBONE_FILES", "LPIPS_HEAD_FILES",
-           "MUSIQ_SKIP", "MetricResult", "NIQE_PARAMS", "feature_statistics", "frechet_distance",
+           "MUSIQ", "MUSIQ_ENV", "MUSIQ_SKIP", "MetricResult", "NIQE_PARAMS", "feature_statistics", "frechet_distance",
            "frechet_distance_features",
            "gaussian_window_2d", "imresize_matlab", "lpips_head_candidates", "niqe", "niqe_features",
-           "niqe_pristine_model", "niqe_score", "to_gray_255", "torch_hub_checkpoints", "unavailable"]
+           "niqe_pristine_model", "niqe_score", "pyiqa_cache", "to_gray_255", "torch_hub_checkpoints", "unavailable"]

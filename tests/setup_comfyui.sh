@@ -8,7 +8,10 @@
 #   1. torch==2.14.1 torchvision==0.29.1 (ComfyUI imports torchvision at startup; a matching pair is needed;
 #      on this project's machines pip takes both from local disk; they run on the CPU);
 #   2. ComfyUI's requirements.txt, plus `requests` (imported by ComfyUI's frontend manager but missing from its
-#      requirements), `pytest`, and this pack's dependencies (requirements.txt + accelerate, scipy, scikit-image).
+#      requirements), `pytest`, and this pack's dependencies (requirements.txt + accelerate, scipy, scikit-image);
+#   3. the reference packages of the parity tests that are installed without their dependencies (NO_DEPS): pyiqa
+#      (its MUSIQ network and create_metric need only what steps 1-2 install; its full list would add bitsandbytes,
+#      datasets, facexlib, opencv-python next to the headless one, tensorboard, ...).
 # Idempotent: a marker file in the venv records a hash of these inputs; when it matches, nothing is installed.
 # It never downloads ComfyUI itself (CI reaches package registries only): get a checkout some other way.
 # Environment: PYTHON (interpreter for a new venv, default python3), BFR_SETUP_FORCE=1 to reinstall.
@@ -32,12 +35,14 @@ TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 EXTRA=(requests pytest diffusers transformers peft safetensors kornia opencv-python-headless pillow numpy scipy
        scikit-image accelerate playwright dlib-bin face-recognition-models pytorch-fid
        open_clip_torch)
+NO_DEPS=(pyiqa==0.1.16)  # pinned: without its dependency list, a newer release may import more
 
 stamp() {
   {
     echo "bfr-setup v2"
     echo "${TORCH_PINS[*]}"
     echo "${EXTRA[*]}"
+    echo "${NO_DEPS[*]}"
     cat "$COMFY/requirements.txt"
     [ -f "$PACK/requirements.txt" ] && cat "$PACK/requirements.txt"
   } | sha256sum | cut -d' ' -f1
@@ -65,6 +70,8 @@ REQS=(-r "$COMFY/requirements.txt")
 [ -f "$PACK/requirements.txt" ] && REQS+=(-r "$PACK/requirements.txt")
 # Keep the torch pair fixed while resolving the rest.
 "${PIP[@]}" "${TORCH_PINS[@]}" "${REQS[@]}" "${EXTRA[@]}" 2>&1 | quiet
+echo "setup_comfyui.sh: installing ${NO_DEPS[*]} without dependencies"
+"${PIP[@]}" --no-deps "${NO_DEPS[@]}" 2>&1 | quiet
 "$VENV/bin/python" - <<'EOF'
 import torch, torchvision, requests, pytest, diffusers, transformers  # noqa: F401
 print(f"setup_comfyui.sh: torch {torch.__version__}, torchvision {torchvision.__version__}, "
