@@ -5,7 +5,10 @@
 #                       gap, per-op profile of one step per case, LQ cache size, peak GPU memory;
 #   - bench/dr2.py      DR2 latent and pixel refinement overhead per step vs the UNet step;
 #   - bench/restore.py  seconds per 512 px face at 20 steps (FlipNet restore with the LQ cache; DR2 latent and
-#                       pixel space, 20 UNet evaluations) and peak GPU memory (torch.cuda.max_memory_allocated).
+#                       pixel space, 20 UNet evaluations) and peak GPU memory (torch.cuda.max_memory_allocated);
+#   - bench/clrface.py  CLR-Face guided Heun step (UNet + VAE decode fwd/bwd + iresnet r50 fwd/bwd per model call)
+#                       vs unguided step, each part timed, counted FLOPs, the guide-every-k-th-step budget, the
+#                       template-window decode and peak GPU memory per variant.
 # Each writes <name>_<dtype>.json and .log into RESULTS_DIR/raw; bench/gpu_report.py then writes results.json
 # (every run's JSON, return codes, machine) and results.md (the tables for BENCHMARKS.md), and raw/ is packed into
 # raw.tar.gz: three files in all (the device tool brings back at most 8).
@@ -33,9 +36,10 @@ if [ "$DRY" = 0 ]; then
         echo "bench/gpu.sh: no CUDA device visible to $PY ($("$PY" -c 'import torch; print("torch", torch.__version__)' 2>/dev/null || echo 'torch not importable')); nothing was run."
         exit 0
     fi
-    DEV=cuda; SIZE=512; STEPS=20; REPEATS="${REPEATS:-20}"; DTYPES="${DTYPES:-fp16 bf16}"; THREADS=4
+    DEV=cuda; SIZE=512; STEPS=20; REPEATS="${REPEATS:-20}"; DTYPES="${DTYPES:-fp16 bf16}"; THREADS=4; CLR_EXTRA=()
 else
-    DEV=cpu; SIZE=64; STEPS=2; REPEATS=1; DTYPES="${DTYPES:-fp32 bf16}"; THREADS=2
+    # the dry run skips clrface.py's CPU peak-memory child processes (CUDA measures in-process)
+    DEV=cpu; SIZE=64; STEPS=2; REPEATS=1; DTYPES="${DTYPES:-fp32 bf16}"; THREADS=2; CLR_EXTRA=(--no-memory)
 fi
 RESULTS="${1:-${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}}"
 RAW="$RESULTS/raw"
@@ -51,7 +55,7 @@ if ! missing="$("$PY" - <<'EOF' 2>&1
 import importlib
 bad = []
 for name in ("torch", "diffusers", "transformers", "comfyui_bfr.lora.boosthub", "comfyui_bfr.pipelines.flipnet",
-             "comfyui_bfr.pipelines.dr2"):
+             "comfyui_bfr.pipelines.dr2", "comfyui_bfr.pipelines.clrface"):
     try:
         importlib.import_module(name)
     except Exception as exc:  # report every missing piece at once
@@ -93,6 +97,8 @@ for dt in $DTYPES; do
         --threads "$THREADS" --json "$RAW/dr2_$dt.json"
     run "restore_$dt" "$PY" bench/restore.py --device "$DEV" --dtype "$dt" --size "$SIZE" --steps "$STEPS" \
         --threads "$THREADS" --cases flipnet,dr2-latent,dr2-pixel --json "$RAW/restore_$dt.json"
+    run "clrface_$dt" "$PY" bench/clrface.py --device "$DEV" --dtype "$dt" --size "$SIZE" --repeats "$REPEATS" \
+        --threads "$THREADS" ${CLR_EXTRA[@]+"${CLR_EXTRA[@]}"} --json "$RAW/clrface_$dt.json"
 done
 "$PY" bench/gpu_report.py "$RAW" "$RESULTS"
 report_rc=$?

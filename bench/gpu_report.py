@@ -1,7 +1,7 @@
 """Collects bench/gpu.sh's runs into results.json and results.md (markdown tables for BENCHMARKS.md).
 
 Usage: ``python bench/gpu_report.py RAW_DIR [OUT_DIR]`` where RAW_DIR holds ``flipnet_<dtype>.json``,
-``dr2_<dtype>.json``, ``restore_<dtype>.json``, ``machine.txt`` and ``status.txt`` (OUT_DIR defaults to RAW_DIR).
+``dr2_<dtype>.json``, ``restore_<dtype>.json``, ``clrface_<dtype>.json``, ``machine.txt`` and ``status.txt`` (OUT_DIR defaults to RAW_DIR).
 A run that failed or is missing shows as such; the exit code is 1 if any run left no JSON.
 """
 
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
             if m:
                 status[m[1]] = {"rc": int(m[2]), "seconds": int(m[3])}
     dtypes = sorted({n.split("_", 1)[1] for n in status} | {p.stem.split("_", 1)[1] for p in raw.glob("*_*.json")})
-    runs = {f"{k}_{dt}": _load(raw, f"{k}_{dt}") for dt in dtypes for k in ("flipnet", "dr2", "restore")}
+    runs = {f"{k}_{dt}": _load(raw, f"{k}_{dt}") for dt in dtypes for k in ("flipnet", "dr2", "restore", "clrface")}
     missing = sorted(k for k, v in runs.items() if v is None)
 
     md = ["# bench/gpu.sh results", "", "```", machine.strip(), "```", ""]
@@ -81,6 +81,26 @@ def main(argv=None) -> int:
             step = "-" if c["median_step_s"] is None else f"{c['median_step_s']:.3f}"
             md.append(f"| {dt} | {case} | {r['steps']} ({c['unet_batch']}) | {c['seconds_per_face']:.2f} | {step} | "
                       f"{c['peak_memory_gib']:.2f} GiB | {c['memory_before_gib']:.2f} GiB |")
+    md += ["", "## CLR-Face guided Heun step vs unguided step (512 px, batch 1, CFG 1, identity iresnet r50, random "
+           "weights; per model call, medians)", "",
+           "| dtype | UNet call | decode fwd | decode bwd | identity fwd + bwd | guidance call | unguided step | "
+           "guided step | measured | FLOPs | window call (margin) | guide every k-th step under 1.5x (full / window) | "
+           "peak GPU mem: unguided / guided / window step |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for dt in dtypes:
+        r = runs[f"clrface_{dt}"]
+        if r is None:
+            md.append(f"| {dt} | run failed (rc {status.get(f'clrface_{dt}', {}).get('rc', '?')}) ||||||||||||")
+            continue
+        pc, st, wc = r["median_s_per_call"], r["median_s_step"], r["median_s_window_call"]
+        ks = " / ".join(str(d["k_min"]) for d in r["fraction"]["by_decoder"].values())
+        mem = r.get("peak_memory") or {}
+        mems = " / ".join(f"{mem[v]['peak_gib']:.2f}" if "peak_gib" in mem.get(v, {}) else "-"
+                          for v in ("unguided", "guided", "guided_window"))
+        md.append(f"| {dt} | {_ms(pc['unet'])} | {_ms(pc['decode_fwd'])} | {_ms(pc['decode_bwd'])} | "
+                  f"{_ms(pc['identity_fwd'] + pc['identity_bwd'])} | {_ms(pc['guidance_total'])} | "
+                  f"{_ms(st['unguided'])} | {_ms(st['guided'])} | {r['ratio']:.2f}x | {r['flop_ratio']:.2f}x | "
+                  f"{_ms(wc['guidance_total'])} ({r['window_margin_timed']}) | {ks} | {mems} GiB |")
     md += ["", "Return codes (flipnet/dr2: 1 = target not met, a result; other non-zero = failure): "
            + ", ".join(f"{k} {v['rc']} ({v['seconds']} s)" for k, v in status.items()), ""]
     if missing:
