@@ -184,37 +184,6 @@ def finish_parts(rec: Recorder, total: tuple[float, float]) -> dict[str, list[fl
 # ------------------------------------------------------------------------------------------------ the window
 
 
-def template_pixel_box(identity, size: int) -> tuple[int, int, int, int]:
-    """(r0, r1, c0, c1), half-open: the pixels of a size x size FFHQ crop that IdentityModel.preprocess reads (non-zero
-    gradient through the antialiased shrink and the template warp)."""
-    x = torch.ones(1, 3, size, size, requires_grad=True)
-    with torch.enable_grad():
-        y = identity.preprocess(x)
-        (g,) = torch.autograd.grad(y.float().sum(), x)
-    used = g.detach().abs().sum((0, 1)).cpu() > 0
-    rows, cols = used.any(1).nonzero().flatten(), used.any(0).nonzero().flatten()
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-
-
-def latent_window(pixel_box, latent_side: int, margin: int) -> tuple[int, int, int, int]:
-    """The latent cells covering ``pixel_box`` (8 px each, rounded out) plus ``margin`` cells, clipped."""
-    r0, r1, c0, c1 = pixel_box
-    return (max(0, r0 // 8 - margin), min(latent_side, -(-r1 // 8) + margin),
-            max(0, c0 // 8 - margin), min(latent_side, -(-c1 // 8) + margin))
-
-
-def window_decoder(vae, box, latent_side: int):
-    """A :data:`clrface.Decoder` that decodes only the latent window ``box`` and pads the image to full size with
-    grey (0.5): what the template warp reads is the window's decode; the gradient outside the window is zero."""
-    r0, r1, c0, c1 = box
-    full = 8 * latent_side
-
-    def decode(z):
-        img = codec.decode(vae, z[:, :, r0:r1, c0:c1], clamp=False)
-        return F.pad(img, (8 * c0, full - 8 * c1, 8 * r0, full - 8 * r1), value=0.5)
-    return decode
-
-
 def split_gradient(z0_hat, decode, identity, reference) -> dict:
     """identity_gradient done stage by stage with the image detached between decoder and identity network (the
     same gradient by the chain rule), each stage under FlopCounterMode: FLOPs per stage, L_arc, the gradient."""
@@ -299,7 +268,7 @@ class Setup:
         x_id = F.interpolate(torch.rand(b, 3, max(2, args.size // 16), max(2, args.size // 16), generator=g),
                              size=(args.size, args.size), mode="bilinear", align_corners=False).to(device)
         self.reference = clrface.reference_embedding(self.identity, x_id)
-        self.pixel_box = template_pixel_box(self.identity, args.size)
+        self.pixel_box = clrface.template_pixel_box(self.identity, args.size, args.size)
 
     def guidance(self, decode, rec: Recorder | None):
         identity = self.identity if rec is None else TimedIdentity(self.identity, rec)
@@ -313,8 +282,8 @@ class Setup:
         return clrface.vae_decoder(self.vae)
 
     def window_decoder(self, margin: int):
-        box = latent_window(self.pixel_box, self.h, margin)
-        return box, window_decoder(self.vae, box, self.h)
+        box = clrface.latent_window(self.pixel_box, (self.h, self.h), 8, margin)
+        return box, clrface.window_decoder(clrface.vae_decoder(self.vae), box, (self.h, self.h), 8)
 
 
 def memory_child(args) -> int:

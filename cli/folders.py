@@ -220,6 +220,8 @@ class CLRFaceRestoreConfig(_SDRunConfig):
     denoise: float = _h("where refinement starts (BasicScheduler's denoise: 1 = pure noise at sigma_max; 0.5 = the last "
                         "steps of 2x steps Karras levels)", 0.5)
     guidance_scale: float = _h("identity guidance scale s (D - s M grad L_arc; 0 = unguided Heun)", 1.0)
+    decode: str = _h("how the guidance decodes z0_hat: full (exact) | window (only the latent cells the identity "
+                     "network reads, +2; ~0.66x the cost of a guidance call)", "full")
     prompt: str = _h("text prompt (default empty, as the denoiser is trained)", "")
     batch_size: int = _h("images per sampling batch", 1)
     seed: int = _h("seed (image i uses seed + i)", 0)
@@ -244,7 +246,7 @@ class CLRFaceRestoreConfig(_SDRunConfig):
                              "inputs.")
         if (self.init == "irn") != bool(self.irn):
             raise ValueError("--init irn and --irn FILE (a clrface-irn/1 file from `bfr train irn`) go together.")
-        CLRFaceConfig(self.num_inference_steps, self.denoise, self.guidance_scale, self.seed)
+        self.sample_config(self.seed)
         self.dr2_config(0).validate()
 
     def dr2_config(self, seed: int) -> dr2.DR2Config:
@@ -252,7 +254,7 @@ class CLRFaceRestoreConfig(_SDRunConfig):
 
     def sample_config(self, seed: int) -> CLRFaceConfig:
         return CLRFaceConfig(steps=self.num_inference_steps, denoise=self.denoise,
-                             guidance_scale=self.guidance_scale, seed=seed)
+                             guidance_scale=self.guidance_scale, seed=seed, decode=self.decode)
 
 
 @dataclass

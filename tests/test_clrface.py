@@ -253,3 +253,70 @@ def test_mask_checkpoint_round_trip_and_refusals(tmp_path):
     save_file(sd, str(bad), metadata={"bfr_format": "clrface-mask/1", "mask_config": '{"width": 8}'})
     with pytest.raises(CheckpointError, match=r"id_mask.net.0.weight is \(8, 4, 1, 1\)"):
         load_mask_checkpoint(bad)
+
+
+# ------------------------------------------------------------------------------------------------ window decode
+def _local_decoder(factor=8):
+    """A decoder where each latent cell makes its own factor x factor pixels (no context), so a window decode equals
+    the full decode inside the window exactly."""
+    weight = torch.linspace(-1.0, 1.0, 12).view(3, 4, 1, 1)
+
+    def decode(z):
+        return torch.sigmoid(F.conv2d(z, weight.to(z))).repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+
+    return decode
+
+
+def test_template_box_is_exactly_what_the_identity_network_reads():
+    """Pixels outside the box do not change the identity network's input (bit for bit); a pixel just inside does;
+    the resize alignment reads the whole crop."""
+    torch.manual_seed(0)
+    identity = IdentityModel(build_iresnet("r18"))
+    r0, r1, c0, c1 = cf.template_pixel_box(identity, 512, 512)
+    assert 0 < r0 < r1 < 512 and 0 < c0 < c1 < 512 and (r1 - r0) * (c1 - c0) < 0.7 * 512 * 512
+    img = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(1))
+    outside = img.clone()
+    outside[..., :r0, :] = 0.0
+    outside[..., r1:, :] = 1.0
+    outside[..., :, :c0] = 0.3
+    outside[..., :, c1:] = 0.7
+    assert torch.equal(identity.preprocess(img), identity.preprocess(outside))
+    inside = img.clone()
+    inside[..., (r0 + r1) // 2, (c0 + c1) // 2] += 0.5
+    assert not torch.equal(identity.preprocess(img), identity.preprocess(inside))
+    identity.align = "resize"
+    assert cf.template_pixel_box(identity, 96, 80) == (0, 96, 0, 80)
+
+
+def test_window_decode_gives_the_full_gradient_for_a_local_decoder():
+    """With a decoder without context the window's L_arc and latent gradient equal the full decode's (up to float);
+    the gradient outside the window is zero, and the window covers all the full gradient's support."""
+    torch.manual_seed(0)
+    identity = IdentityModel(build_iresnet("r18"))
+    decode = _local_decoder()
+    z = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(2))
+    ref = cf.reference_embedding(identity, torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(3)))
+    windowed = cf.guidance_decoder(decode, identity, (64, 64), 8, "window")
+    assert windowed is not decode
+    loss_f, grad_f = cf.identity_gradient(z, decode, identity, ref)
+    loss_w, grad_w = cf.identity_gradient(z, windowed, identity, ref)
+    assert torch.allclose(loss_f, loss_w, atol=1e-6)
+    assert torch.allclose(grad_f, grad_w, atol=1e-6 * float(grad_f.abs().max()))
+    r0, r1, c0, c1 = cf.latent_window(cf.template_pixel_box(identity, 512, 512), (64, 64), 8)
+    outside = grad_w.clone()
+    outside[..., r0:r1, c0:c1] = 0
+    assert float(outside.abs().max()) == 0.0 and float(grad_w.abs().max()) > 0
+    assert cf.guidance_decoder(decode, identity, (64, 64), 8, "full") is decode
+    with pytest.raises(cf.CLRFaceParameterError, match="decode must be one of full, window"):
+        cf.guidance_decoder(decode, identity, (64, 64), 8, "half")
+
+
+def test_pipeline_runs_with_the_window_decode(parts):
+    """decode="window" through the pipeline guides too (L_arc below the unguided run); a bad mode is refused."""
+    base = _l_arc(parts, _run(parts, 0.0).images)
+    pipe = _pipe(parts)
+    out = pipe(parts[3], cf.CLRFaceConfig(steps=STEPS, denoise=0.5, guidance_scale=60.0, seed=1, decode="window"))
+    assert torch.isfinite(out.images).all() and out.guidance is not None
+    assert float(_l_arc(parts, out.images).mean()) < float(base.mean())
+    with pytest.raises(cf.CLRFaceParameterError, match="decode"):
+        cf.CLRFaceConfig(decode="crop")

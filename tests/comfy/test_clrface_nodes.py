@@ -196,3 +196,33 @@ def test_identity_loader_reads_the_registered_folder_and_refuses_bad_files(tmp_p
         nodes.BFRLoadIdentityModel().load("partial.pth")
     with pytest.raises(NodeInputError, match="not in models/bfr/identity"):
         nodes.BFRLoadIdentityModel().load("missing.pth")
+
+
+def test_window_decode_matches_the_diffusers_window_and_samples(comfy_models, identity):
+    """decode='window' (only the latent cells the identity network reads): the gradient through ComfyUI's VAE object
+    equals the diffusers VAE's on the same window; the sampler runs with it and the window is a strict sub-area at
+    256 px; a bad mode is refused by the node."""
+    from comfyui_bfr.pipelines.sample_data import sample_face
+
+    model, vae = comfy_models
+    face = torch.from_numpy(sample_face(256).copy())[None].float() / 255.0
+    dvae = tiny_sd.build_tiny_vae(0)
+    x = vae.encode(face) * tiny_sd.LATENT_SCALE
+    idm = identity.model
+    hw = tuple(x.shape[-2:])
+    box = cf.latent_window(cf.template_pixel_box(idm, 256, 256), hw, 8)
+    assert (box[1] - box[0]) * (box[3] - box[2]) < hw[0] * hw[1], box
+    ref = cf.reference_embedding(idm, face.movedim(-1, 1))
+    win_c = cf.guidance_decoder(nodes.comfy_decoder(vae, model.model.process_latent_out), idm, hw, 8, "window")
+    win_d = cf.guidance_decoder(cf.vae_decoder(dvae), idm, hw, 8, "window")
+    l_c, g_c = cf.identity_gradient(x, win_c, idm, ref)
+    l_d, g_d = cf.identity_gradient(x, win_d, idm, ref)
+    torch.testing.assert_close(g_c, g_d, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(l_c, l_d)
+    (sampler, _) = nodes.BFRCLRFaceSampler().get_sampler(vae, identity, face, 40.0, decode="window")
+    (plain, _) = nodes.BFRCLRFaceSampler().get_sampler(vae, identity, face, 0.0)
+    sigmas = _karras(model, steps=2)
+    guided, unguided = _run(comfy_models, sampler, face, sigmas), _run(comfy_models, plain, face, sigmas)
+    assert torch.isfinite(guided).all() and float((guided - unguided).abs().max()) > 1e-3
+    with pytest.raises(NodeInputError, match="decode must be one of full, window"):
+        nodes.BFRCLRFaceSampler().get_sampler(vae, identity, face, 1.0, decode="crop")
