@@ -26,8 +26,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
+from ..lora.irn import load_irn_checkpoint
 from ..pipelines import dr2, evaluate, face_detect
+from ..pipelines.irn import run_irn
 from ..pipelines.image_io import read_rgb, resize_uint8, save_png
 from ..pipelines.testset import TestSet, make_testset, read_testset
 from ..sd.loader import load_model
@@ -100,6 +103,23 @@ def _lq_build(ns) -> evaluate.Restorer:
     return lambda crops: crops
 
 
+def _irn_args(p) -> None:
+    g = p.add_argument_group("CLR-Face IRN alone (--method irn)")
+    g.add_argument("--irn", required=True, help="clrface-irn/1 file from `bfr train irn`")
+    g.add_argument("--batch-size", type=int, default=4, help="crops per network call")
+
+
+def _irn_build(ns) -> evaluate.Restorer:
+    net = load_irn_checkpoint(ns.irn).net.to(resolve_device(ns.device)).eval()
+
+    def restore(crops: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
+            return run_irn(net, x, ns.batch_size).permute(0, 2, 3, 1).numpy()
+
+    return restore
+
+
 METHODS: dict[str, MethodSpec] = {
     "lq": MethodSpec("the LQ input itself (the 'Input' row of the papers' tables)", lambda p: None, _lq_build,
                      lambda ns: {"method": "lq"}),
@@ -108,6 +128,8 @@ METHODS: dict[str, MethodSpec] = {
                                   RestoreConfig, flipnet_crop_restorer),
     "drbfr": _checkpoint_method("drbfr", "DR-BFR (--checkpoint drbfr.safetensors)", DRBFRRestoreConfig,
                                 drbfr_crop_restorer),
+    "irn": MethodSpec("CLR-Face's Identity Recovery Network alone (--irn irn.safetensors; Tab. 4's 'IRN' row)",
+                      _irn_args, _irn_build, lambda ns: {"method": "irn", "irn": str(Path(ns.irn).resolve())}),
     "clrface": _checkpoint_method("clrface", "CLR-Face (x_id from --init dr2|lq, --checkpoint clrface.safetensors, "
                                   "--identity-model backbone.pth, --mask)", CLRFaceRestoreConfig,
                                   clrface_crop_restorer),

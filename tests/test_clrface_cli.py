@@ -157,3 +157,15 @@ def test_eval_and_sweep_run_clrface(files, tmp_path):
     assert (tmp_path / "sw" / "sweep_psnr.png").is_file()
     run = json.loads((tmp_path / "sw" / "clrface_guidance_scale50" / "run.json").read_text())
     assert run["config"]["guidance_scale"] == 50 and run["config"]["init"] == "dr2"
+    # Tab. 4's "IRN" row: the IRN alone gives what --init irn feeds the refiner (run_irn on the LQ crops)
+    assert main(["eval", str(pairs.root), "--out", str(tmp_path / "ev"), "--method", "irn", "--irn", str(files["irn"]),
+                 "--metrics", "psnr", "--size", str(SIZE)]) == 0
+    from comfyui_bfr.lora.irn import load_irn_checkpoint
+
+    net = load_irn_checkpoint(files["irn"]).net.eval()
+    for pair in pairs.pairs:
+        lq = torch.from_numpy(read_rgb(pair.lq)).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            expect = (net(lq).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round()
+        got = read_rgb(tmp_path / "ev" / "irn" / "images" / f"{pair.name}.png").astype(np.float32)
+        assert np.abs(got - expect).max() <= 1.0
