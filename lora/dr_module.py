@@ -7,7 +7,9 @@ by one random degradation phi_i (Eq. 1), so p1 and p2 share a degradation but no
   (default 6 convs, 64 -> 256 channels), then the tokens: adaptive average pooling to a g x g grid, a 1x1 conv to the
   token width d, flattened row-major to l = g^2 tokens. Output (B, l, d) (the paper writes f_DR in R^{d x l}; we keep
   tokens on the second axis, the cross-attention prompt layout). The last layer is linear, so tokens can take the
-  signed values the N(0, I) target of Eq. 6 asks for.
+  signed values the N(0, I) target of Eq. 6 asks for. ``input_norm="standardize"`` (ours, the trainer's default)
+  first removes each patch's channel means and divides by its RMS contrast: the degradations of Eq. 11 preserve the
+  local mean, so those statistics are content, and they were the shortcut that made an untuned E_DR ~99 % content.
 * ``ReDegrader`` = G_LQ (Eq. 4): a small U-Net whose decoder is modulated by AdaIN; (gamma, beta) per channel come from
   an MLP on f_DR mean-pooled over its l tokens. It predicts a residual on the HQ input: p2_hat = r2 + U(r2, f_DR).
 * ``info_nce`` (Eq. 5), ``energy_distance`` (Eq. 6), and ``DRModule.loss`` (Eq. 7):
@@ -50,6 +52,13 @@ class DRConfig:
     * ``gen_channels`` = (32, 64, 128): G_LQ U-Net widths per level (ours); H, W of the patches must be divisible by
       2^(levels-1). ``mod_hidden`` = 128: hidden width of each AdaIN MLP (ours).
     * ``negative_slope`` = 0.1: LeakyReLU slope everywhere (DASR's).
+    * ``input_norm``: what E_DR does to a patch before its convs. ``"none"`` (the default, so files written before
+      the field existed load as they were trained): x -> 2x - 1. ``"standardize"`` (ours; ``bfr train dr-encoder``'s
+      default): x -> 0.5 (x - mean_c(x)) / (rms(x - mean_c(x)) + 0.02), per patch, channel means then one RMS over
+      all channels (0.02 in [0,1] units keeps flat patches from amplifying quantisation). Blur, resize, noise and
+      JPEG (Eq. 11) keep the local mean, so colour and brightness are content only; the contrast divided out is mostly
+      content too (a degradation changes the *relative* high-frequency energy, which survives). No parameters: the
+      tensors of both layouts are the same.
     """
 
     encoder_blocks: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256))
@@ -63,6 +72,9 @@ class DRConfig:
     gen_channels: tuple[int, ...] = (32, 64, 128)
     mod_hidden: int = 128
     negative_slope: float = 0.1
+    input_norm: str = "none"
+
+    INPUT_NORMS = ("none", "standardize")
 
     def __post_init__(self):
         self.encoder_blocks = tuple(tuple(int(c) for c in block) for block in self.encoder_blocks)
@@ -77,6 +89,8 @@ class DRConfig:
         if math.isqrt(self.num_tokens) ** 2 != self.num_tokens:
             raise ValueError(f"DR num_tokens (l) must be a perfect square (tokens are a g x g pooling grid), got "
                              f"{self.num_tokens}; e.g. 1, 4, 9, 16.")
+        if self.input_norm not in self.INPUT_NORMS:
+            raise ValueError(f"DR input_norm must be one of {self.INPUT_NORMS}, got {self.input_norm!r}.")
         if not self.temperature > 0:
             raise ValueError(f"DR temperature must be > 0, got {self.temperature}.")
         if self.lambda_contras < 0 or self.lambda_distribution < 0:
@@ -110,7 +124,8 @@ class DegradationEncoder(nn.Module):
 
     VGG-like: each block is 3x3 conv + LeakyReLU layers, a 2x2 max-pool between blocks. Tokens: adaptive average
     pooling of the last block to a g x g grid (l = g^2), a linear 1x1 conv to width d, flattened row-major.
-    No batch norm, so a sample's DR does not depend on the rest of its batch.
+    No batch norm, so a sample's DR does not depend on the rest of its batch. The input first goes through
+    :meth:`normalize_input` (``cfg.input_norm``).
     """
 
     def __init__(self, cfg: DRConfig):
@@ -128,12 +143,20 @@ class DegradationEncoder(nn.Module):
         self.to_tokens = nn.Conv2d(in_ch, cfg.token_dim, 1)
         self.min_size = 2 ** (len(cfg.encoder_blocks) - 1)
 
+    def normalize_input(self, lq: torch.Tensor) -> torch.Tensor:
+        """``"none"``: 2x - 1; ``"standardize"`` (ours): per patch, 0.5 (x - mean_c) / (rms + 0.02) (see DRConfig)."""
+        if self.cfg.input_norm == "standardize":
+            centred = lq - lq.mean((2, 3), keepdim=True)
+            rms = centred.pow(2).mean((1, 2, 3), keepdim=True).sqrt()
+            return 0.5 * centred / (rms + 0.02)
+        return lq * 2.0 - 1.0
+
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
         _check_images(lq, "DegradationEncoder")
         if min(lq.shape[-2:]) < self.min_size:
             raise ValueError(f"DegradationEncoder needs patches of at least {self.min_size} px per side "
                              f"({len(self.cfg.encoder_blocks) - 1} max-pools), got {tuple(lq.shape[-2:])}.")
-        h = self.features(lq * 2.0 - 1.0)
+        h = self.features(self.normalize_input(lq))
         h = self.to_tokens(F.adaptive_avg_pool2d(h, self.cfg.grid))
         return h.flatten(2).transpose(1, 2)
 

@@ -95,6 +95,26 @@ def test_shapes_default_config():
         gen(r2, tokens[:, :, :8])
 
 
+def test_standardized_input_ignores_colour_brightness_and_contrast_but_not_degradation():
+    """input_norm="standardize" (ours): f_DR is invariant to x -> a x + b_c (a > 0, per-channel b: content statistics
+    that Eq. 11's degradations keep) up to the 0.02 floor, but still sees a blur; "none" is 2x - 1, the old layout
+    (same tensors, so a file written before the field loads as it was trained)."""
+    torch.manual_seed(0)
+    enc = DegradationEncoder(DRConfig(**dict(TINY.to_dict(), input_norm="standardize"))).eval()
+    x = _smooth_images(4, 32, torch.Generator().manual_seed(3))  # RMS contrast ~0.25
+    shifted = 0.7 * x + torch.tensor([0.1, -0.05, 0.2])[None, :, None, None]
+    old = DegradationEncoder(TINY)
+    old.load_state_dict(enc.state_dict())  # the same tensors
+    with torch.no_grad():
+        f, f_shift, f_blur = enc(x), enc(shifted), enc(_blur(x, torch.full((4,), 2.0)))
+    shift, blur = float((f - f_shift).abs().max()), float((f - f_blur).abs().max())
+    assert shift < 0.1 * blur, (shift, blur)  # measured 1.4e-4 vs 1.9e-3
+    assert TINY.input_norm == "none" and torch.equal(old.normalize_input(x), x * 2 - 1)
+    assert set(old.state_dict()) == set(enc.state_dict())
+    with pytest.raises(ValueError, match="input_norm"):
+        DRConfig(input_norm="whiten")
+
+
 def test_tokens_are_a_row_major_pooled_grid():
     """Token k of the 2x2 grid reads only its quadrant: changing the bottom-right quadrant of the input changes only
     the last token (the conv receptive field reaches a little across the border, so we change pixels well inside)."""

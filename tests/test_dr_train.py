@@ -101,7 +101,8 @@ def test_each_objective_falls_on_a_fixed_batch(term):
 @pytest.fixture(scope="module")
 def trained_on_photos(tmp_path_factory):
     """300 CPU steps of `bfr train dr-encoder` on 40 crops of 10 real photos (64 px, 32 px patches, a small E_DR,
-    4 same-content copies per image), ~40 s."""
+    4 same-content copies per image, the trainer's defaults otherwise: `--input-norm standardize`, lambda2 0.01),
+    ~50-60 s on one core."""
     from PIL import Image
 
     from comfyui_bfr.lora.dr_module import DRModule
@@ -120,11 +121,11 @@ def trained_on_photos(tmp_path_factory):
     return module, DRModule(module.cfg).eval(), _photo_crops(HELD_OUT_PHOTOS, 2, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap at test size: after 300 CPU steps the E_DR features are ~99 % content "
-                                       "by variance and the probe does not beat a random E_DR (2000 steps at lr 3e-4 "
-                                       "do: README 'DR-BFR degradation representation')")
 def test_probe_on_held_out_content_beats_a_random_encoder(trained_on_photos, record_figure):
-    """Stated margin: +0.05 accuracy on the degradation type (5 classes incl. clean), leave-one-content-out."""
+    """Stated margin: +0.05 accuracy on the degradation type (5 classes incl. clean, chance 0.23), leave-one-content-
+    out, over BOTH controls: a randomly initialised E_DR of the same config and raw-pixel statistics. Measured (1 or 2
+    threads alike): trained 0.526 vs random 0.436 vs pixels 0.417 (other training seeds: 0.49-0.50); before
+    `--input-norm standardize` and lambda2 0.01 it was 0.256 / 0.372 / 0.417."""
     from comfyui_bfr.pipelines import dr_analysis as A
 
     module, random_module, held = trained_on_photos
@@ -137,12 +138,14 @@ def test_probe_on_held_out_content_beats_a_random_encoder(trained_on_photos, rec
     acc = {k: A.knn_probe(v, [c.label("type") for c in per], groups) for k, v in feats.items()}
     record_figure("DR probe (type) on held-out photos after 300 CPU steps",
                   " | ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-    assert acc["trained"] > acc["random"] + 0.05
+    assert acc["trained"] > acc["random"] + 0.05, acc
+    assert acc["trained"] > acc["pixel"] + 0.05, acc
 
 
-@pytest.mark.xfail(strict=True, reason="known gap at test size, as above (holds after 2000 steps: 3.79 vs 4.39)")
 def test_two_patches_of_one_image_are_closer_than_one_content_under_two_degradations(trained_on_photos,
                                                                                        record_figure):
+    """Measured: 0.69 vs 2.38 (other training seeds 0.4-1.0 vs 1.6-2.9); before: 2.68 vs 2.70. Asserted with a
+    0.75 factor."""
     from comfyui_bfr.train.data import degrade_on_the_fly
 
     module, _, held = trained_on_photos
@@ -153,4 +156,4 @@ def test_two_patches_of_one_image_are_closer_than_one_content_under_two_degradat
         same_content = (f(lq_a[..., :32, :32]) - f(lq_b[..., :32, :32])).norm(dim=1)  # same pixels, other LQ
     record_figure("f_DR distance: two patches of one LQ vs one patch under two degradations",
                   f"{float(same_image.mean()):.3f} vs {float(same_content.mean()):.3f}")
-    assert float(same_image.mean()) < float(same_content.mean())
+    assert float(same_image.mean()) < 0.75 * float(same_content.mean())

@@ -12,6 +12,13 @@ Beyond the paper (ours, ``--content-repeats R``, default 1 = the paper): each HQ
 with R independent degradations and the SAME patch positions, so the in-batch negatives include the same content
 under other degradations; InfoNCE can then only be solved by the degradation, not by colour or content (with few
 training images, content is otherwise a shortcut: two patches of one photo share its palette).
+
+Two defaults that differ from the bare :class:`DRConfig` (both ours, measured in tests/test_dr_train.py and README
+"DR-BFR degradation representation"): ``--input-norm standardize`` (E_DR sees each patch with its channel means
+removed and its RMS contrast divided out: the degradations of Eq. 11 keep the local mean, so those statistics are
+content; without it a test-sized training gave features ~99 % content by variance) and lambda2 = 0.01 (ReDSR's
+weight of its energy-distance term, which DR-BFR's Eq. 6 takes from ReDSR; 0.1 pulled the features toward the
+N(0, I) spread faster than the contrastive term could fill it with degradation).
 """
 
 from __future__ import annotations
@@ -54,7 +61,8 @@ then `bfr train drbfr --dr-encoder RUN_DR/dr_encoder.safetensors ...`. A quick t
     adam_weight_decay: float = flag("AdamW weight decay", "optim", default=0.0)
     lambda_perceptual: float = flag("unused by the DRM (L_DR, Eq. 7)", "optim", default=0.0)
     lambda_contras: float = flag("lambda1 of Eq. 7 (ours: 0.1)", "model", default=0.1)
-    lambda_distribution: float = flag("lambda2 of Eq. 7 (ours: 0.1)", "model", default=0.1)
+    lambda_distribution: float = flag("lambda2 of Eq. 7 (ReDSR's 0.01 for the energy distance)", "model",
+                                      default=0.01)
     temperature: float = flag("InfoNCE temperature tau (DASR's 0.07)", "model", default=0.07)
     num_tokens: int = flag("DR tokens l (a g x g pooling grid; ours: 4)", "model", default=4)
     token_dim: int = flag("DR token width d (DASR's 256)", "model", default=256)
@@ -64,6 +72,9 @@ then `bfr train drbfr --dr-encoder RUN_DR/dr_encoder.safetensors ...`. A quick t
                                              "(DASR's 64 128 256)", "model", default=(64, 128, 256))
     gen_channels: tuple[int, ...] = flag("G_LQ U-Net widths per level (ours: 32 64 128)", "model",
                                          default=(32, 64, 128))
+    input_norm: str = flag("what E_DR does to a patch first: standardize = remove its channel means, divide by its "
+                           "RMS contrast (ours: those are content, Eq. 11 keeps them); none = 2x - 1", "model",
+                           default="standardize")
     content_repeats: int = flag("each image R times per batch with R different degradations at the same patch "
                                 "positions: same-content negatives (ours; 1 = the paper)", "model", default=1)
 
@@ -78,6 +89,8 @@ then `bfr train drbfr --dr-encoder RUN_DR/dr_encoder.safetensors ...`. A quick t
         if self.lambda_perceptual:
             self.bad("lambda_perceptual", "must be 0: the DRM's objective is L_DR (Eq. 7).")
         self.check_positive_ints("patch_size", "num_tokens", "token_dim", "content_repeats")
+        if self.input_norm not in DRConfig.INPUT_NORMS:
+            self.bad("input_norm", f"must be one of {DRConfig.INPUT_NORMS}, got {self.input_norm!r}.")
         if self.patch_size > self.resolution:
             self.bad("patch_size", f"is larger than --resolution {self.resolution}: the patches are cut from the "
                      "training images.")
@@ -95,7 +108,8 @@ then `bfr train drbfr --dr-encoder RUN_DR/dr_encoder.safetensors ...`. A quick t
     def dr_config(self) -> DRConfig:
         return DRConfig(encoder_blocks=tuple((c, c) for c in self.encoder_channels), gen_channels=self.gen_channels,
                         num_tokens=self.num_tokens, token_dim=self.token_dim, temperature=self.temperature,
-                        lambda_contras=self.lambda_contras, lambda_distribution=self.lambda_distribution)
+                        lambda_contras=self.lambda_contras, lambda_distribution=self.lambda_distribution,
+                        input_norm=self.input_norm)
 
 
 def patch_pairs(hq: torch.Tensor, lq: torch.Tensor, size: int, generator: torch.Generator | None = None,
