@@ -238,7 +238,7 @@ def test_loss_terms_follow_eq_3_to_7():
         dist = energy_distance(f1, t) / math.sqrt(4 * 32)  # Eq. 6 on f1
     for key, want in (("recon", recon), ("contras", contras), ("distribution", dist)):
         torch.testing.assert_close(out[key].detach(), want, msg=key)
-    torch.testing.assert_close(out["total"].detach(), recon + 0.1 * contras + 0.1 * dist)
+    torch.testing.assert_close(out["total"].detach(), recon + 0.1 * contras + 0.01 * dist)  # lambda1, lambda2
     # the roles matter: p2's own representation, p1 as the target, or f2 in Eq. 6 give numbers the checks above
     # would reject (beyond assert_close's float32 tolerance)
     with torch.no_grad():
@@ -307,12 +307,15 @@ def test_training_lowers_l_dr_and_makes_the_dr_degradation_driven(record_figure)
     ratio_init = _content_vs_degradation_ratio(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     data = torch.Generator().manual_seed(10)
-    held_out = _batch(torch.Generator().manual_seed(99))
+    held_out = [_batch(torch.Generator().manual_seed(99 + k)) for k in range(4)]
 
-    def evaluate():
-        p1, p2, _, r2 = held_out
-        with torch.no_grad():
-            return {k: float(v) for k, v in model.loss(p1, p2, r2, generator=torch.Generator().manual_seed(7)).items()}
+    def evaluate():  # the mean over 4 held-out batches of 8 (one batch's InfoNCE is too noisy to compare)
+        total: dict[str, float] = {}
+        for k, (p1, p2, _, r2) in enumerate(held_out):
+            with torch.no_grad():
+                for name, v in model.loss(p1, p2, r2, generator=torch.Generator().manual_seed(7 + k)).items():
+                    total[name] = total.get(name, 0.0) + float(v) / len(held_out)
+        return total
 
     def train(steps):
         for _ in range(steps):
