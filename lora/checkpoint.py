@@ -317,6 +317,23 @@ def _check_module_tensors(path, namespace: str, module: nn.Module, sd: dict[str,
                                         f"from different models. {fix}")
 
 
+def _build_prefixed_module(path, tensors: dict[str, torch.Tensor], namespace: str, build, cfg, config_key: str,
+                           fix: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """``build(cfg)`` loaded from a file whose tensors are all ``<namespace>.*``: other tensors, missing / unexpected
+    names and wrong shapes (checked on a meta-device build first) raise :class:`CheckpointError` naming ``fix``."""
+    prefix = namespace + "."
+    unknown = [k for k in tensors if not k.startswith(prefix)]
+    if unknown:
+        raise CheckpointError(path, f"{len(unknown)} tensors outside '{namespace}.*' (e.g. {unknown[:3]}). {fix}")
+    sd = {k[len(prefix):]: (v if dtype is None else v.to(dtype)) for k, v in tensors.items()}
+    with torch.device("meta"):
+        shape_only = build(cfg)
+    _check_module_tensors(path, namespace, shape_only, sd, f"{config_key} {cfg.to_dict()}", fix)
+    module = build(cfg)
+    module.load_state_dict(sd, strict=True)
+    return module
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # FlipNet
 # --------------------------------------------------------------------------------------------------------------------

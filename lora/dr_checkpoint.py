@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, _check_module_tensors, _config_meta, _int_meta, _read, _write
+from .checkpoint import CheckpointError, _build_prefixed_module, _config_meta, _int_meta, _read, _write
 from .dr_module import DegradationEncoder, DRConfig, DRModule
 
 logger = logging.getLogger(__name__)
@@ -49,16 +49,8 @@ def read_dr_checkpoint(path: str | Path) -> tuple[DRModule, dict[str, str]]:
                                     f"dr-encoder`).{hint}")
     cfg = _config_meta(path, meta, "dr_config", DRConfig)
     _int_meta(path, meta, "patch_size", None, "(the training patch side in px)", lo=8, example="96")
-    unknown = [k for k in tensors if not k.startswith(PREFIX)]
-    if unknown:
-        raise CheckpointError(path, f"{len(unknown)} tensors outside 'dr.*' (e.g. {unknown[:3]}). {_FIX}")
-    sd = {k[len(PREFIX):]: v for k, v in tensors.items()}
-    with torch.device("meta"):
-        shape_only = DRModule(cfg)
-    _check_module_tensors(path, "dr", shape_only, sd, f"dr_config {cfg.to_dict()}", _FIX)
-    module = DRModule(cfg)
-    module.load_state_dict(sd, strict=True)
-    return module.to(next(iter(sd.values())).dtype).eval(), meta
+    module = _build_prefixed_module(path, tensors, PREFIX.rstrip("."), DRModule, cfg, "dr_config", _FIX)
+    return module.to(next(iter(tensors.values())).dtype).eval(), meta
 
 
 def dr_encoder_from_state(sd: dict[str, torch.Tensor], cfg: DRConfig) -> DegradationEncoder:

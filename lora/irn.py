@@ -45,7 +45,7 @@ from .checkpoint import (
     FLIPNET_FORMAT,
     FLIPNET_LORA_FORMAT,
     CheckpointError,
-    _check_module_tensors,
+    _build_prefixed_module,
     _config_meta,
     _float_meta,
     _json_meta,
@@ -213,15 +213,7 @@ def load_irn_checkpoint(path: str | Path) -> IRNCheckpoint:
     if not isinstance(identity, dict):
         raise CheckpointError(path, f"metadata 'identity_model' must be a JSON object, got {meta['identity_model']!r}"
                                     f". {_FIX}")
-    unknown = [k for k in tensors if not k.startswith(PREFIX)]
-    if unknown:
-        raise CheckpointError(path, f"{len(unknown)} tensors outside 'irn.*' (e.g. {unknown[:3]}). {_FIX}")
-    sd = {k[len(PREFIX):]: v for k, v in tensors.items()}
-    with torch.device("meta"):
-        shape_only = IRN(cfg)
-    _check_module_tensors(path, "irn", shape_only, sd, f"irn_config {cfg.to_dict()}", _FIX)
-    net = IRN(cfg)
-    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    net = _build_prefixed_module(path, tensors, PREFIX.rstrip("."), IRN, cfg, "irn_config", _FIX, torch.float32)
     logger.info("Loaded the CLR-Face IRN %s (%d parameters, trained with alpha=%g against %s).", path.name,
                 parameter_count(net), alpha, identity.get("arch", "an unrecorded identity model"))
     return IRNCheckpoint(net.eval().requires_grad_(False), alpha, identity, path, meta)

@@ -42,6 +42,7 @@ import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from collections.abc import Callable
 from typing import Sequence
 
 import numpy as np
@@ -477,7 +478,34 @@ def frechet_distance_features(f1: np.ndarray, f2: np.ndarray) -> float:
     return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2.0 * np.sqrt(np.clip(ev, 0.0, None)).sum())
 
 
-class FID:
+class _NetMetric:
+    """A metric network read from a weight file: ``model``, or ``skipped`` saying why not; ``weights`` records the
+    file (name + sha256) for the report."""
+
+    name = ""
+    skipped: str | None = None
+    model = None
+    device = torch.device("cpu")
+
+    def _open(self, path: str | Path, load: Callable, errors: type[Exception]) -> None:
+        """Unless ``skipped`` is already set (no file), ``model = load(path)`` on the device; a file ``load`` refuses
+        (``errors``) skips the metric with its message. Logs the skip or records the file."""
+        if self.skipped is None:
+            try:
+                self.model = load(path).to(self.device)
+            except errors as exc:
+                self.skipped = str(exc)
+        if self.skipped:
+            _log_skip(self.name, self.skipped)
+            return
+        self.weights = [file_record(path)]
+
+    @property
+    def available(self) -> bool:
+        return self.model is not None
+
+
+class FID(_NetMetric):
     """FID (Heusel et al. 2017) on the 2048-d pool3 features of pytorch-fid's Inception-v3
     (:mod:`.fid_inception`, our network code, no torchvision), with its weight file ``weights`` (default
     ``<torch hub>/checkpoints/pt_inception-2015-12-05-6726825d.pth``); ``skipped`` says why when it is missing or
@@ -497,19 +525,7 @@ class FID:
             self.skipped = (f"FID needs pytorch-fid's Inception weights {FID_WEIGHTS} at {path} (the torch hub cache "
                             "$TORCH_HOME/hub/checkpoints, or --fid-weights FILE); copy it there from a machine "
                             "that has it")
-        else:
-            try:
-                self.model = load_fid_inception(path).to(self.device)
-            except FIDWeightsError as exc:
-                self.skipped = str(exc)
-        if self.skipped:
-            _log_skip(self.name, self.skipped)
-            return
-        self.weights = [file_record(path)]
-
-    @property
-    def available(self) -> bool:
-        return self.model is not None
+        self._open(path, load_fid_inception, FIDWeightsError)
 
     def features(self, images: Sequence) -> np.ndarray:
         """(N, 2048) float64 pool3 features of (H, W, 3) images (uint8 or float [0, 1]; sizes may differ)."""
@@ -558,7 +574,7 @@ class FID:
 
 
 # ================================================================================================ CLIP-IQA
-class CLIPIQA:
+class CLIPIQA(_NetMetric):
     """CLIP-IQA (Wang et al. 2023; :mod:`.clipiqa`) with a CLIP RN50 state-dict file (``weights``, else
     ``$BFR_CLIP_RN50``), or ``skipped`` naming what is missing. ``prompts``: ``paper`` (Good/Bad photo) or ``pyiqa``
     (pyiqa's three pairs, averaged)."""
@@ -579,19 +595,7 @@ class CLIPIQA:
                             f"of OpenAI's RN50.pt; pass --clipiqa-weights FILE or set ${CLIPIQA_ENV}")
         elif not Path(given).is_file():
             self.skipped = f"CLIP-IQA: the CLIP RN50 weights {given} do not exist"
-        else:
-            try:
-                self.model = CLIPIQAModel(load_clip_rn50(given), prompts).to(self.device)
-            except CLIPWeightsError as exc:
-                self.skipped = str(exc)
-        if self.skipped:
-            _log_skip(self.name, self.skipped)
-            return
-        self.weights = [file_record(given)]
-
-    @property
-    def available(self) -> bool:
-        return self.model is not None
+        self._open(given or "", lambda f: CLIPIQAModel(load_clip_rn50(f), prompts), CLIPWeightsError)
 
     def __call__(self, image) -> MetricResult:
         """CLIP-IQA of one (H, W, 3) image (uint8 or float [0, 1]) at its own size; higher is better."""
@@ -602,7 +606,7 @@ class CLIPIQA:
 
 
 # ================================================================================================ MUSIQ
-class MUSIQ:
+class MUSIQ(_NetMetric):
     """MUSIQ (Ke et al., ICCV 2021; :mod:`.musiq`) with one of pyiqa's MUSIQ files: ``weights``, else ``$BFR_MUSIQ``,
     else ``<pyiqa cache>/<release file of dataset>`` (``dataset``: koniq (pyiqa's ``musiq``), spaq, paq2piq, ava);
     ``skipped`` names the file and those places when none is there or it is not in pyiqa's layout. The score's scale
@@ -627,19 +631,7 @@ class MUSIQ:
             else:
                 self.skipped = MUSIQ_SKIP.format(file=MUSIQ_FILES[dataset], dataset=dataset, env=MUSIQ_ENV,
                                                  cache=pyiqa_cache())
-        else:
-            try:
-                self.model = load_musiq(path).to(self.device)
-            except MUSIQWeightsError as exc:
-                self.skipped = str(exc)
-        if self.skipped:
-            _log_skip(self.name, self.skipped)
-            return
-        self.weights = [file_record(path)]
-
-    @property
-    def available(self) -> bool:
-        return self.model is not None
+        self._open(path, load_musiq, MUSIQWeightsError)
 
     def __call__(self, image) -> MetricResult:
         """MUSIQ of one (H, W, 3) image (uint8 or float [0, 1]) at its own size plus the 224 / 384 px resizes;
