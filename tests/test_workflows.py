@@ -287,3 +287,25 @@ def test_clrface_workflow_refines_the_dr2_estimate_as_the_paper_samples(stem):
     assert sorted([score["inputs"]["image_a"], score["inputs"]["image_b"]]) == sorted([[dr2_id, 0], [dec_id, 0]])
     shown = [n["inputs"]["source"] for n in prompt.values() if n["class_type"] == "PreviewAny"]
     assert [_one(prompt, "BFRIdentityScore")[0], 2] in shown and [sampler_id, 1] in shown
+
+
+DRIFT_WORKFLOWS = ("restore_dr2", "restore_dr2_sampler", "restore_dr2_then_flipnet", "restore_flipnet", "restore_drbfr")
+
+
+def test_every_aligned_restore_workflow_shows_identity_drift():
+    """Identity drift is the first complaint of face-restoration users: every aligned-face restore workflow compares
+    the input face with the saved result in BFR Identity Score and shows its report (CLR-Face's compare x_id with the
+    refined face, tested above; whole-photo workflows paste several faces and have none)."""
+    aligned = {p.stem for p in UI_FILES if p.stem.startswith("restore_") and "photo" not in p.stem
+               and "clrface" not in p.stem}
+    assert aligned == set(DRIFT_WORKFLOWS), aligned
+    for stem in DRIFT_WORKFLOWS:
+        prompt = _api(stem)
+        load_id, _ = _one(prompt, "LoadImage")
+        _, save = _one(prompt, "SaveImage")
+        score_id, score = _one(prompt, "BFRIdentityScore")
+        assert score["inputs"]["image_a"] == [load_id, 0], stem
+        assert score["inputs"]["image_b"] == save["inputs"]["images"], stem
+        assert score["inputs"]["aligned"] is True
+        _, shown = _one(prompt, "PreviewAny")
+        assert shown["inputs"]["source"] == [score_id, 2], stem
