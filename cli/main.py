@@ -349,7 +349,8 @@ TRAINERS = {
 
 
 def _add_train(sub, argv: list[str]) -> None:
-    p = sub.add_parser("train", help="train FlipNet's face autoencoders or FlipNet itself (accelerate)")
+    p = sub.add_parser("train", help="train a model (accelerate): FlipNet + its face autoencoders, DR encoder, "
+                                     "DR-BFR, CLR-Face denoiser, identity mask, IRN")
     tsub = p.add_subparsers(dest="what", required=True)
     positionals = _positionals(argv)
     which = positionals[1] if positionals[:1] == ["train"] and len(positionals) > 1 else None
