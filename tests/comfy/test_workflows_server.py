@@ -505,7 +505,7 @@ def _photo_prompt(stem, server, object_info, image_name) -> dict:
     prompt = _prepare(prompt, image_name, server, object_info)
     prompt[_node(prompt, "BFRCropFaces")]["inputs"]["crop_size"] = PHOTO_CROP_PX
     for n in prompt.values():
-        if n["class_type"] == "KSampler":
+        if n["class_type"] in ("KSampler", "BasicScheduler"):
             n["inputs"]["steps"] = FLIPNET_STEPS
     # also save the paste MASK and the untouched photo (LoadImage -> SaveImage), to compare pixel by pixel
     paste, load = _node(prompt, "BFRPasteFaces"), _node(prompt, "LoadImage")
@@ -515,7 +515,8 @@ def _photo_prompt(stem, server, object_info, image_name) -> dict:
     return prompt
 
 
-@pytest.mark.parametrize("stem", ["restore_photo_dr2", "restore_photo_flipnet"])
+@pytest.mark.parametrize("stem", ["restore_photo_dr2", "restore_photo_flipnet", "restore_photo_drbfr",
+                                  "restore_photo_clrface"])
 def test_photo_workflow_restores_only_the_faces(comfy_server, object_info, photo_inputs, stem, tmp_path,
                                                 record_figure):
     """Detect -> Crop -> restorer -> Paste on a real 3-face photo through the API queue: every face region changed,
