@@ -113,9 +113,8 @@ def _irn_build(ns) -> evaluate.Restorer:
     net = load_irn_checkpoint(ns.irn).net.to(resolve_device(ns.device)).eval()
 
     def restore(crops: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
-            return run_irn(net, x, ns.batch_size).permute(0, 2, 3, 1).numpy()
+        x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
+        return run_irn(net, x, ns.batch_size).permute(0, 2, 3, 1).numpy()
 
     return restore
 

@@ -270,10 +270,9 @@ class CLRFaceRunner:
         """x_id for ``--init dr2`` / ``irn`` / ``lq`` (a folder is read by the caller)."""
         if cfg.init == "lq":
             return lq
-        with torch.no_grad():
-            if cfg.init == "irn":
-                return run_irn(self.irn, lq, cfg.batch_size)
-            return dr2.restore(self.dr2_model, lq, cfg.dr2_config(seed)).images.float().cpu()
+        if cfg.init == "irn":
+            return run_irn(self.irn, lq, cfg.batch_size)
+        return dr2.restore(self.dr2_model, lq, cfg.dr2_config(seed)).images.float().cpu()
 
     def __call__(self, lq: torch.Tensor, x_id: torch.Tensor, cfg: CLRFaceRestoreConfig, seed: int) -> torch.Tensor:
         device = next(self.pipeline.unet.parameters()).device

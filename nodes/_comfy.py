@@ -113,6 +113,15 @@ def intermediate_device() -> torch.device:
     return torch.device("cpu") if mm is None else mm.intermediate_device()
 
 
+def module_patcher(module: torch.nn.Module):
+    """A ComfyUI ModelPatcher for one of the pack's own modules (loaded to ComfyUI's torch device when a node needs
+    it, offloaded with the rest under memory pressure); None outside ComfyUI."""
+    mm, mp = comfy_module("comfy.model_management"), comfy_module("comfy.model_patcher")
+    if mm is None or mp is None:
+        return None
+    return mp.ModelPatcher(module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
 def register_model_folder() -> None:
     """Register ``models/bfr`` with ComfyUI's public ``folder_paths.add_model_folder_path``.
 

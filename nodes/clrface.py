@@ -23,7 +23,8 @@ from ..lora.checkpoint import CheckpointError
 from ..lora.id_mask import IdentityMaskCheckpoint, load_mask_checkpoint
 from ..pipelines import clrface
 from ..pipelines.arcface import ALIGNS, IdentityModel, IdentityWeightsError, load_identity_model
-from ._comfy import BFR_FOLDER, IDENTITY_FOLDER, check_interrupted, model_files, register_model_folder, sampler_callback
+from ._comfy import (BFR_FOLDER, IDENTITY_FOLDER, check_interrupted, model_files, module_patcher,
+                     register_model_folder, sampler_callback)
 from .dr2 import check_conditioning, null_conditioning
 from .helpers import NodeInputError, check_megapixels, pad_to_multiple, to_rgb
 
@@ -72,15 +73,7 @@ class IdentityHandle:
 def identity_handle(model: IdentityModel) -> IdentityHandle:
     """Wrap an :class:`IdentityModel` for the graph: a ModelPatcher (load / offload devices of ComfyUI) when ComfyUI is
     there. Used by the loader node and by tests with random weights."""
-    patcher = None
-    try:
-        import comfy.model_management as mm
-        import comfy.model_patcher
-    except ImportError:
-        return IdentityHandle(model)
-    patcher = comfy.model_patcher.ModelPatcher(model.net, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
-    return IdentityHandle(model, patcher)
+    return IdentityHandle(model, module_patcher(model.net))
 
 
 class BFRLoadIdentityModel:

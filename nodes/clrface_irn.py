@@ -18,7 +18,7 @@ from ..lora.checkpoint import CheckpointError
 from ..lora.irn import IRN_FORMAT, IRNCheckpoint, load_irn_checkpoint, parameter_count
 from ..pipelines.irn import run_irn
 from ._comfy import BFR_FOLDER, check_interrupted, intermediate_device, model_files, progress_callback
-from ._comfy import register_model_folder
+from ._comfy import module_patcher, register_model_folder
 from .clrface import CATEGORY
 from .helpers import NodeInputError, check_megapixels, to_rgb
 
@@ -48,15 +48,7 @@ class IRNHandle:
 
 def irn_handle(checkpoint: IRNCheckpoint, name: str | None = None) -> IRNHandle:
     """Wrap a loaded IRN for the graph: a ModelPatcher (ComfyUI's load / offload devices) when ComfyUI is there."""
-    name = name or checkpoint.path.name
-    try:
-        import comfy.model_management as mm
-        import comfy.model_patcher
-    except ImportError:
-        return IRNHandle(name, checkpoint)
-    patcher = comfy.model_patcher.ModelPatcher(checkpoint.net, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
-    return IRNHandle(name, checkpoint, patcher)
+    return IRNHandle(name or checkpoint.path.name, checkpoint, module_patcher(checkpoint.net))
 
 
 def load_irn(path: str, node: str = LOAD_ID) -> IRNHandle:

@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..lora.checkpoint import CheckpointError
 from ..lora.cond_checkpoint import DRBFR_FORMAT, read_conditional_checkpoint
 from ..lora.ldrm import ConcatConvIn, ConditioningError, dr_context
-from ._comfy import BFR_FOLDER, model_files, register_model_folder
+from ._comfy import BFR_FOLDER, model_files, module_patcher, register_model_folder
 from .flipnet import add_lora_patches, check_sd21_model, prepare_image, unet_compute_dtype
 from .helpers import NodeInputError
 
@@ -66,11 +66,7 @@ class DRBFRModel:
 
     def patcher(self):
         if self._patcher is None:
-            import comfy.model_management as mm
-            import comfy.model_patcher
-
-            self._patcher = comfy.model_patcher.ModelPatcher(self.modules, load_device=mm.get_torch_device(),
-                                                             offload_device=mm.unet_offload_device())
+            self._patcher = module_patcher(self.modules)
         return self._patcher
 
     @torch.no_grad()

@@ -30,7 +30,7 @@ import torch.nn as nn
 from ..lora import boosthub as bh
 from ..lora.checkpoint import FLIPNET_MODES, SD2_CONTEXT_DIM, CheckpointError, build_face_modules, read_flipnet_checkpoint
 from ..lora.face_embedder import append_face_tokens, face_tokens
-from ._comfy import BFR_FOLDER, intermediate_device, model_files, register_model_folder
+from ._comfy import BFR_FOLDER, intermediate_device, model_files, module_patcher, register_model_folder
 from .flipnet_patches import BoostHubOutput, BoostHubStash, HubBank, JointBatchWrapper, SharedRowsAttention
 from .helpers import NodeInputError, to_rgb
 
@@ -131,11 +131,7 @@ class FlipNetModel:
     def _patcher(self, kind: str, module: nn.Module, dtype: torch.dtype):
         key = (kind, dtype)
         if key not in self._patchers:
-            import comfy.model_management as mm
-            import comfy.model_patcher
-
-            self._patchers[key] = comfy.model_patcher.ModelPatcher(module, load_device=mm.get_torch_device(),
-                                                                   offload_device=mm.unet_offload_device())
+            self._patchers[key] = module_patcher(module)
         return self._patchers[key]
 
     def hub_patcher(self, dtype: torch.dtype | None = None):

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .weights import layout_problems, read_state_dict
+from .weights import load_checked, read_state_dict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -194,16 +194,9 @@ def load_clip_rn50(path: str | Path) -> CLIPRN50:
     path = Path(path)
     sd = read_state_dict(path, lambda p, what: CLIPWeightsError(f"CLIP RN50 weights {p}: {what}"))
     sd = {k: v for k, v in sd.items() if k not in _META_KEYS and k != "attn_mask"}
-    model = CLIPRN50()
-    problem, optional = layout_problems(sd, model.state_dict())
-    if problem:
-        raise CLIPWeightsError(f"CLIP RN50 weights {path.name} are not in OpenAI's RN50 layout ({problem}); use "
-                               "open_clip's RN50 'openai' file (open_clip_model.safetensors) or a state dict of "
-                               "OpenAI's RN50.pt")
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
-    if set(missing) - optional or unexpected:
-        raise CLIPWeightsError(f"CLIP RN50 weights {path.name}: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    return model.eval().requires_grad_(False)
+    return load_checked(CLIPRN50(), sd, lambda problem: CLIPWeightsError(
+        f"CLIP RN50 weights {path.name} are not in OpenAI's RN50 layout ({problem}); use open_clip's RN50 'openai' "
+        "file (open_clip_model.safetensors) or a state dict of OpenAI's RN50.pt"))
 
 
 class CLIPIQAModel(nn.Module):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .weights import layout_problems, read_state_dict
+from .weights import load_checked, read_state_dict
 
 FID_SIZE = 299
 FID_DIMS = 2048
@@ -187,15 +187,9 @@ def load_fid_inception(path: str | Path) -> FIDInceptionV3:
     of the file must be a key of the network and the reverse (BatchNorm ``num_batches_tracked`` may be absent)."""
     path = Path(path)
     sd = read_state_dict(path, lambda p, what: FIDWeightsError(f"FID Inception weights {p}: {what}"))
-    model = FIDInceptionV3()
-    problem, optional = layout_problems(sd, model.state_dict())
-    if problem:
-        raise FIDWeightsError(f"FID Inception weights {path.name} are not in pytorch-fid's "
-                              f"pt_inception-2015-12-05 layout ({problem}); use pytorch-fid's release file")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if set(missing) - optional or unexpected:  # layout_problems already said no; kept as a hard guarantee
-        raise FIDWeightsError(f"FID Inception weights {path.name}: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    return model.eval().requires_grad_(False)
+    return load_checked(FIDInceptionV3(), sd, lambda problem: FIDWeightsError(
+        f"FID Inception weights {path.name} are not in pytorch-fid's pt_inception-2015-12-05 layout ({problem}); "
+        "use pytorch-fid's release file"))
 
 
 __all__ = ["FIDInceptionV3", "FIDWeightsError", "FID_DIMS", "FID_SIZE", "load_fid_inception"]

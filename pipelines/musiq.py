@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .weights import layout_problems, read_state_dict
+from .weights import load_checked, read_state_dict
 
 PATCH = 32
 HASH_GRID = 10
@@ -261,13 +261,9 @@ def load_musiq(path: str | Path) -> MUSIQNet:
     if "head.weight" in sd and classes != 1:
         raise MUSIQWeightsError(f"MUSIQ weights {path.name}: a bare head.weight must give one score, it has "
                                 f"{classes} outputs")
-    model = MUSIQNet(classes)
-    problem, _ = layout_problems(sd, model.state_dict())
-    if problem:
-        raise MUSIQWeightsError(f"MUSIQ weights {path.name} are not in pyiqa's MUSIQ layout ({problem}); use one of "
-                                f"pyiqa's release files {', '.join(MUSIQ_FILES.values())}")
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    return model.eval().requires_grad_(False)
+    return load_checked(MUSIQNet(classes), sd, lambda problem: MUSIQWeightsError(
+        f"MUSIQ weights {path.name} are not in pyiqa's MUSIQ layout ({problem}); use one of pyiqa's release files "
+        f"{', '.join(MUSIQ_FILES.values())}"))
 
 
 __all__ = ["HASH_GRID", "LONGER_SIDES", "MUSIQNet", "MUSIQWeightsError", "MUSIQ_FILES", "PATCH", "hashed_positions",

@@ -95,3 +95,14 @@ def layout_problems(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch
         if bad:
             parts.append(f"non-float weights: {short_list(bad)}")
     return ("; ".join(parts) or None), optional
+
+
+def load_checked(model: torch.nn.Module, sd: Mapping[str, torch.Tensor],
+                 fail: Callable[[str], Exception]) -> torch.nn.Module:
+    """``model`` with the weights ``sd`` once :func:`layout_problems` finds nothing wrong (else ``fail(problem)`` is
+    raised): float tensors cast to float32, BatchNorm counters may be absent. Returned in eval mode, frozen."""
+    problem, _ = layout_problems(sd, model.state_dict())
+    if problem:
+        raise fail(problem)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=False)
+    return model.eval().requires_grad_(False)

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..lora.checkpoint import EXPORT_DTYPES, config_hash, give_umask_permissions
 from ..lora.lora_targets import require_same_keys
 from ..lora.losses import VGGPerceptualLoss, vgg19_weights_help
+from ..pipelines.arcface import IdentityModel, build_iresnet, load_identity_model
 from ..pipelines.image_io import image_grid, save_png
 from ..sd.diffusion import PREDICTION_TYPES
 from ..sd.loader import load_components
@@ -231,6 +232,15 @@ def face_folder_dataset(cfg: TrainConfig, **kw) -> FaceFolderDataset:
     """``--hq-dir`` faces with ``--offshelf-dir`` LQ mixed in at ``--offshelf-prob`` (§5.1)."""
     return FaceFolderDataset(cfg.hq_dir, size=cfg.resolution, offshelf_dir=cfg.offshelf_dir,
                              offshelf_prob=cfg.offshelf_prob, seed=cfg.seed, **kw)
+
+
+def training_identity(cfg: TrainConfig, device, align: str = "template") -> IdentityModel:
+    """The frozen identity network f_arc of a trainer: ``cfg.identity_model`` (an arcface_torch iresnet file), or a
+    randomly initialised r18 when the config allows it (``--allow-random-identity``, tests only; said in the log)."""
+    if cfg.identity_model:
+        return load_identity_model(cfg.identity_model, device=device, align=align)
+    logger.warning("%s: RANDOM r18 identity model (--allow-random-identity): for tests only.", cfg.COMMAND)
+    return IdentityModel(build_iresnet("r18"), device=device, align=align)
 
 
 def perceptual_loss(cfg: TrainConfig, criterion: str = "mse") -> VGGPerceptualLoss | None:

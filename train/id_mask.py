@@ -29,10 +29,10 @@ import torch.nn as nn
 from ..lora.id_mask import IdentityMask, IdentityMaskConfig, save_mask_checkpoint
 from ..lora.losses import VGGPerceptualLoss
 from ..pipelines import clrface
-from ..pipelines.arcface import IdentityModel, build_iresnet, load_identity_model
+from ..pipelines.arcface import IdentityModel
 from ..sd.vae import encode as vae_encode
 from .core import Stage, StepContext, StepResult, TrainConfig, TrainingRun, adamw, base_components, face_folder_dataset
-from .core import flag, perceptual_loss
+from .core import flag, perceptual_loss, training_identity
 
 logger = logging.getLogger(__name__)
 
@@ -134,13 +134,6 @@ def id_mask_loss(mask: nn.Module, frozen: IdMaskFrozen, hq: torch.Tensor, lq: to
     return loss, logs
 
 
-def _identity(cfg: IdMaskTrainConfig, device) -> IdentityModel:
-    if cfg.identity_model:
-        return load_identity_model(cfg.identity_model, device=device)
-    logger.warning("train id-mask: RANDOM r18 identity model (--allow-random-identity): for tests only.")
-    return IdentityModel(build_iresnet("r18"), device=device)
-
-
 def train_id_mask(cfg: IdMaskTrainConfig, components: dict | None = None) -> Path:
     """Train f_M; returns the exported ``clrface-mask.safetensors``. ``components`` (unet, vae) replaces loading
     ``cfg.base_model`` (tests)."""
@@ -151,7 +144,7 @@ def train_id_mask(cfg: IdMaskTrainConfig, components: dict | None = None) -> Pat
     unet = components["unet"].to(device, dtype=dtype).requires_grad_(False).eval()
     vae = components["vae"].to(device, dtype=dtype).requires_grad_(False).eval()
     perceptual = perceptual_loss(cfg)
-    frozen = IdMaskFrozen(unet, vae, _identity(cfg, device),
+    frozen = IdMaskFrozen(unet, vae, training_identity(cfg, device),
                           torch.zeros(1, 77, int(unet.config.cross_attention_dim), device=device),
                           perceptual.to(device) if perceptual is not None else None, prediction_type)
     mask = IdentityMask(IdentityMaskConfig(width=cfg.mask_width, layers=cfg.mask_layers))

@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 
 from ..lora.irn import DEFAULT_ALPHA, IRN, IRNConfig, parameter_count, save_irn_checkpoint
-from ..pipelines.arcface import ALIGNS, IdentityModel, build_iresnet, load_identity_model
+from ..pipelines.arcface import ALIGNS, IdentityModel
 from ..pipelines.irn import irn_loss
 from .core import Stage, StepContext, StepResult, TrainConfig, TrainingRun, adamw, face_folder_dataset, flag
-from .core import save_image_grid, warmup_schedule
+from .core import save_image_grid, training_identity, warmup_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +104,6 @@ def irn_step_loss(net: nn.Module, identity: IdentityModel, hq: torch.Tensor, lq:
     return irn_loss(net(lq), hq, identity, alpha)
 
 
-def load_identity(cfg: IRNTrainConfig, device) -> IdentityModel:
-    """f_arc from ``--identity-model``, or (tests) a random r18."""
-    if cfg.identity_model:
-        return load_identity_model(cfg.identity_model, device=device, align=cfg.identity_align)
-    logger.warning("train irn: RANDOM r18 identity model (--allow-random-identity): for tests only.")
-    return IdentityModel(build_iresnet("r18"), device=device, align=cfg.identity_align)
-
-
 def identity_record(identity: IdentityModel) -> dict:
     """What the export says about f_arc: arch, align, file + sha256 (or that it was random)."""
     info = identity.weights_info()
@@ -124,7 +116,7 @@ def train_irn(cfg: IRNTrainConfig) -> Path:
     """Train f_phi with Eq. 11; returns the exported ``irn.safetensors`` (``clrface-irn/1``)."""
     run = TrainingRun(cfg)
     dataset = face_folder_dataset(cfg)
-    identity = load_identity(cfg, run.device)
+    identity = training_identity(cfg, run.device, cfg.identity_align)
     net = IRN(cfg.irn_config())
     logger.info("IRN: %d parameters, widths %s; f_arc %s.", parameter_count(net), list(cfg.irn_widths), identity)
     params = list(net.parameters())
